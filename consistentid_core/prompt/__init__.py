@@ -9,7 +9,7 @@ modified. Modules:
 * ``assembly``: inference and training prompt layouts, :class:`FacialPrompt`.
 """
 
-from .assembly import (
+from consistentid_core.prompt.assembly import (
     DEFAULT_FACE_CAPTION,
     DETAIL_PREFIX,
     SDXL_DEFAULT_FACE_CAPTION,
@@ -20,9 +20,9 @@ from .assembly import (
     build_training_prompt,
     strip_user_markers,
 )
-from .markers import FACIAL_MARKER, MarkedCaption, mark_caption
-from .parts import FacialPart, select_part_labels
-from .tokens import (
+from consistentid_core.prompt.markers import FACIAL_MARKER, MarkedCaption, mark_caption
+from consistentid_core.prompt.parts import FacialPart, select_part_labels
+from consistentid_core.prompt.tokens import (
     CLIP_CONTEXT_LENGTH,
     MAX_FACIAL_SLOTS,
     encode_marked_text,

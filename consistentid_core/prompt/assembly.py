@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..errors import PromptError
-from .markers import FACIAL_MARKER, MarkedCaption, mark_caption
-from .parts import select_part_labels
-from .tokens import encode_marked_text, encode_plain_text, facial_token_slots, fits_context
+from consistentid_core.errors import PromptError
+from consistentid_core.prompt.markers import FACIAL_MARKER, MarkedCaption, mark_caption
+from consistentid_core.prompt.parts import select_part_labels
+from consistentid_core.prompt.tokens import encode_marked_text, encode_plain_text, facial_token_slots, fits_context
 
 DEFAULT_FACE_CAPTION = "The person has one face, one nose, two eyes, two ears, and one mouth."
 """The SD1.5 pipeline's built-in caption (``get_prepare_llva_caption``; LLaVA is disabled there)."""

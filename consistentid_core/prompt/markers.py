@@ -41,7 +41,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .parts import PARTS_BY_LABEL, PARTS_BY_MARKER, FacialPart
+from consistentid_core.prompt.parts import PARTS_BY_LABEL, PARTS_BY_MARKER, FacialPart
 
 FACIAL_MARKER = "<|facial|>"
 """The marker the original adds to its tokenizer; the token before it is a facial token."""

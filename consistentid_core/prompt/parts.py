@@ -25,12 +25,15 @@ The k-th marked token is fused with the k-th crop, so when both eyes and ears ar
 
 Of each left/right pair the original keeps only the first one present in label order (the lower
 label): its de-duplication key is the part of the class name after ``_`` ("Eye", "Ear", "Lip").
+The label ids come from :mod:`consistentid_core.face.labels`, shared with the region crops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from consistentid_core.face.labels import FACIAL_PART_LABELS
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,11 @@ class FacialPart:
         return f"<|{self.word}|>"
 
 
-FACE = FacialPart("face", (1,))
-EYES = FacialPart("eyes", (4, 5))
-EARS = FacialPart("ears", (7, 8))
-NOSE = FacialPart("nose", (10,))
-MOUTH = FacialPart("mouth", (12, 13))
+def _part(word: str) -> FacialPart:
+    return FacialPart(word, tuple(int(label) for label in FACIAL_PART_LABELS[word]))
+
+
+FACE, EYES, EARS, NOSE, MOUTH = (_part(word) for word in ("face", "eyes", "ears", "nose", "mouth"))
 
 PARTS_BY_LABEL: tuple[FacialPart, ...] = (FACE, EYES, EARS, NOSE, MOUTH)
 """Crop (slot) order: ascending BiSeNet label, as the original's part dict is built."""

@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import PromptError
-from .markers import FACIAL_MARKER
+from consistentid_core.errors import PromptError
+from consistentid_core.prompt.markers import FACIAL_MARKER
 
 CLIP_CONTEXT_LENGTH = 77
 """Token positions of the CLIP text encoder (SD1.5 and SDXL)."""
@@ -37,7 +37,8 @@ MAX_FACIAL_SLOTS = 5
 
 
 def _piece_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: pieces longer than model_max_length are expected (the caller cuts at 77).
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _special_ids(tokenizer: Any) -> tuple[int, int, int]:
