@@ -4,8 +4,9 @@ Accepted (anything else raises ImageFormatError):
 
 - numpy arrays or torch tensors, channels last, optionally with a leading batch of one
   (a ComfyUI IMAGE slice ``[1, H, W, C]``);
-- uint8 as is; floating point read as 0..1, clipped, and rounded (not truncated) to
-  0..255, so a ComfyUI IMAGE made from a uint8 file converts back bit-exactly;
+- uint8 as is; floating point read as 0..1, clipped, and rounded to the nearest of
+  0..255 (a ComfyUI IMAGE made from a uint8 file converts back bit-exactly, and values
+  slightly below a level after a resize or blend do not drop to the level under it);
 - 1 channel (or a plain H x W array): gray, replicated to three channels;
 - 4 channels: RGBA, alpha dropped. This is what PIL's ``convert("RGB")`` does, which is
   how the original pipeline (diffusers ``load_image``) read RGBA files, so transparent
