@@ -46,7 +46,8 @@ def test_pixel_values_equal_the_pil_clip_image_processor(photos):
         from transformers import CLIPImageProcessorPil as processor_class
     except ImportError:
         from transformers import CLIPImageProcessor as processor_class
-    expected = processor_class()(images=[Image.fromarray(p) for p in photos], return_tensors="pt").pixel_values
+    pil_photos = [Image.fromarray(photo) for photo in photos]
+    expected = processor_class()(images=pil_photos, return_tensors="pt").pixel_values
     result = clip_pixel_values(photos)
     assert result.shape == (2, 3, 224, 224) and result.dtype == torch.float32
     assert torch.equal(result, expected)

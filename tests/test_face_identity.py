@@ -18,6 +18,7 @@ from tests.fixtures.insightface_tiny import DETECTOR_FILE, RECOGNISER_FILE, make
 # Tests that call InsightFace directly see its scikit-image deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
+CPU = "CPUExecutionProvider"
 GRAY = np.full((240, 320, 3), 128, dtype=np.uint8)
 
 
@@ -64,7 +65,11 @@ def test_insightface_receives_bgr(analyzer, astronaut, monkeypatch):
     """The array handed to FaceAnalysis.get is the RGB input with channels reversed."""
     seen = []
     original_get = analyzer.app.get
-    monkeypatch.setattr(analyzer.app, "get", lambda image, **kw: seen.append(image) or original_get(image, **kw))
+    def spy(image, **kwargs):
+        seen.append(image)
+        return original_get(image, **kwargs)
+
+    monkeypatch.setattr(analyzer.app, "get", spy)
     analyzer.id_embedding(astronaut)
     assert np.array_equal(seen[0], astronaut[:, :, ::-1])
 
@@ -191,10 +196,11 @@ def test_unavailable_cuda_falls_back_to_cpu_with_warning(insightface_root, monke
     """CUDA requested on a CPU-only onnxruntime: CPU sessions and a warning listing what is available."""
     import onnxruntime
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+    available = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
     with caplog.at_level(logging.WARNING, logger="consistentid_core.face.identity"):
-        app = load_face_analysis(insightface_root, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
-    assert app.det_model.session.get_providers() == ["CPUExecutionProvider"]
+        app = load_face_analysis(insightface_root, providers=("CUDAExecutionProvider", CPU))
+    assert app.det_model.session.get_providers() == [CPU]
     assert "CUDAExecutionProvider" in caplog.text
     assert "available: AzureExecutionProvider, CPUExecutionProvider" in caplog.text
 

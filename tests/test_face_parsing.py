@@ -55,8 +55,8 @@ def _save(tmp_path: Path, state_dict: dict) -> Path:
 
 def test_facexlib_bisenet_has_the_release_layout(release_state_dict):
     """facexlib's state dict equals the original class's, entry by entry (191, BN buffers included)."""
-    rows = [line.split("\t") for line in RELEASE_LAYOUT.read_text().splitlines() if not line.startswith("#")]
-    expected = [(key, shape, dtype) for key, shape, dtype in rows]
+    lines = RELEASE_LAYOUT.read_text().splitlines()
+    expected = [tuple(line.split("\t")) for line in lines if not line.startswith("#")]
     found = [
         (key, "x".join(map(str, value.shape)) or "scalar", str(value.dtype).replace("torch.", ""))
         for key, value in release_state_dict.items()
@@ -77,7 +77,8 @@ def test_load_accepts_module_prefix(tmp_path, release_state_dict):
     """A DataParallel-style ``module.`` prefix is stripped."""
     prefixed = {f"module.{key}": value for key, value in release_state_dict.items()}
     net = FaceParser.load(_save(tmp_path, prefixed)).net
-    assert torch.equal(net.state_dict()["cp.resnet.conv1.weight"], release_state_dict["cp.resnet.conv1.weight"])
+    key = "cp.resnet.conv1.weight"
+    assert torch.equal(net.state_dict()[key], release_state_dict[key])
 
 
 def test_missing_file_names_file_folder_and_source(tmp_path):
@@ -102,7 +103,8 @@ def test_wrong_shape_is_a_format_error_naming_it(tmp_path, release_state_dict):
     """A tensor of another shape (e.g. a parser with another class count) is named with both shapes."""
     changed = dict(release_state_dict)
     changed["conv_out.conv_out.weight"] = torch.zeros(20, 256, 1, 1)
-    with pytest.raises(CheckpointFormatError, match=r"wrong shape \(conv_out\.conv_out\.weight \(20, 256, 1, 1\) != \(19, 256, 1, 1\)"):
+    expected = r"wrong shape \(conv_out\.conv_out\.weight \(20, 256, 1, 1\) != \(19, 256, 1, 1\)"
+    with pytest.raises(CheckpointFormatError, match=expected):
         FaceParser.load(_save(tmp_path, changed))
 
 
@@ -179,6 +181,17 @@ def test_several_images_share_one_forward():
     net = _RecordingNet()
     FaceParser(net).parse([np.zeros((100, 80, 3), np.uint8), np.zeros((40, 90, 3), np.uint8)])
     assert len(net.inputs) == 1 and net.inputs[0].shape[0] == 2
+
+
+def test_comfyui_float_batch_gives_the_same_input_as_uint8_images():
+    """A float [B, H, W, 3] tensor in 0..1 is split into images and preprocessed like the uint8 files."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+    from_uint8, from_float = _RecordingNet(), _RecordingNet()
+    FaceParser(from_uint8).parse(list(images))
+    labels = FaceParser(from_float).parse(torch.from_numpy(images).float() / 255.0)
+    assert labels.shape == (2, 512, 512)
+    assert torch.equal(from_uint8.inputs[0], from_float.inputs[0])
 
 
 def test_batched_parse_equals_single_parses(parser):

@@ -45,7 +45,7 @@ def test_region_masks_cover_every_present_value_as_0_255_uint8():
 
 
 def test_without_background_is_the_inverse_of_filled_background_contours():
-    """Background on the left half plus an enclosed background hole: only the right half minus the hole remains."""
+    """Background on the left and an enclosed background hole: the right half minus the hole remains."""
     labels = np.full((512, 512), FaceLabel.SKIN, dtype=np.uint8)
     labels[:, :200] = FaceLabel.BACKGROUND
     labels[300:350, 300:350] = FaceLabel.BACKGROUND
@@ -67,7 +67,7 @@ def test_without_background_is_the_inverse_of_filled_background_contours():
     ],
 )
 def test_only_the_lower_id_of_a_pair_is_kept(present, kept):
-    """Left eye over right eye, left ear over right ear, upper lip over lower lip; the other alone is used."""
+    """Left over right eye and ear, upper over lower lip; the other one alone is used."""
     assert list(facial_regions(_labels_with(*present))) == kept
 
 
@@ -83,7 +83,9 @@ def test_part_words_map_to_their_label_pairs():
     """Caption words ↔ labels: every used label maps back to its word."""
     assert FACIAL_PART_LABELS["eyes"] == (FaceLabel.LEFT_EYE, FaceLabel.RIGHT_EYE)
     assert FACIAL_PART_LABELS["mouth"] == (FaceLabel.UPPER_LIP, FaceLabel.LOWER_LIP)
-    assert LABEL_TO_PART == {1: "face", 4: "eyes", 5: "eyes", 7: "ears", 8: "ears", 10: "nose", 12: "mouth", 13: "mouth"}
+    assert LABEL_TO_PART == {
+        1: "face", 4: "eyes", 5: "eyes", 7: "ears", 8: "ears", 10: "nose", 12: "mouth", 13: "mouth"
+    }
 
 
 def test_masked_region_image_equals_pil_composite_with_default_resize():
@@ -103,7 +105,8 @@ def test_masked_region_image_equals_pil_composite_with_default_resize():
 def test_region_mask_tensor_equals_centercrop_totensor(shape):
     """The training-loss mask target matches torchvision CenterCrop(512) + ToTensor, padding included."""
     mask = (np.random.default_rng(1).random(shape) > 0.5).astype(np.uint8) * 255
-    expected = transforms.Compose([transforms.CenterCrop(512), transforms.ToTensor()])(Image.fromarray(mask))
+    transform = transforms.Compose([transforms.CenterCrop(512), transforms.ToTensor()])
+    expected = transform(Image.fromarray(mask))
     result = region_mask_tensor(mask)
     assert result.dtype == torch.float32
     assert torch.equal(result, expected)

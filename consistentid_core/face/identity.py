@@ -51,7 +51,10 @@ def insightface_model_dir(root: str | Path, name: str) -> Path:
     """
     root = Path(root).expanduser().resolve()
     model_dir = root / "models" / name
-    expected = f"expected the {name} .onnx files in {model_dir} (ComfyUI: models/insightface/models/{name}/)"
+    expected = (
+        f"expected the {name} .onnx files in {model_dir} "
+        f"(ComfyUI: models/insightface/models/{name}/)"
+    )
     if any(model_dir.glob("*.onnx")):
         return model_dir
     if any((model_dir / name).glob("*.onnx")):

@@ -143,10 +143,11 @@ class FaceParser:
     def parse(self, images: Sequence[Any] | np.ndarray, batch_size: int = 8) -> np.ndarray:
         """Label maps (N, 512, 512) uint8 for one image (N = 1) or a list/batch of images.
 
-        Images are RGB (see ``to_rgb_uint8``); several are run through one forward per
-        ``batch_size``. The maps are in the squashed 512x512 frame the original used.
+        Images are RGB in any form ``to_rgb_uint8`` accepts, a 4-D batch included; they
+        run through one forward per ``batch_size``. The maps are in the squashed
+        512x512 frame the original used.
         """
-        if isinstance(images, np.ndarray) and images.ndim == 4:
+        if getattr(images, "ndim", 0) == 4:  # numpy or torch batch (e.g. a ComfyUI IMAGE)
             images = list(images)
         elif not isinstance(images, (list, tuple)):
             images = [images]
