@@ -166,9 +166,9 @@ def build_facial_prompt(
     """
     prompt = strip_user_markers(_check_text("prompt", prompt))
     face_caption = DEFAULT_FACE_CAPTION if face_caption is None else _check_text("face_caption", face_caption)
+    caption = _mark(face_caption, present_labels)
     if len(face_caption) > MAX_FACE_CAPTION_CHARS:
         return _finish(prompt, None, PromptLayout.WITHOUT_DETAIL, tokenizer)
-    caption = _mark(face_caption, present_labels)
     marked_text = prompt + detail_prefix + caption.text
     layout = PromptLayout.PROMPT_THEN_DETAIL
     if not fits_context(marked_text, tokenizer):
@@ -200,15 +200,13 @@ def build_training_prompt(
     detail_caption = _check_text("detail_caption", detail_caption)
     caption = strip_user_markers(_check_text("caption", caption))
     marked = _mark(detail_caption, present_labels)
-    first_sentence = extract_first_sentence(caption)
-    rest = caption[len(first_sentence) : -1]
-    marked_text = "Caption:" + first_sentence + " Detail:" + marked.text + rest
-    layout = PromptLayout.CAPTION_THEN_DETAIL
-    if not fits_context(marked_text, tokenizer):
-        marked_text = DETAIL_PREFIX + marked.text + CAPTION_PREFIX + caption
-        layout = PromptLayout.DETAIL_THEN_CAPTION
     if drop_text:
         return _finish("", None, PromptLayout.TEXT_DROPPED, tokenizer)
     if len(marked.text) > MAX_TRAINING_MARKED_CAPTION_CHARS:
         return _finish(caption, None, PromptLayout.WITHOUT_DETAIL, tokenizer)
-    return _finish(marked_text, marked, layout, tokenizer)
+    first_sentence = extract_first_sentence(caption)
+    marked_text = "Caption:" + first_sentence + " Detail:" + marked.text + caption[len(first_sentence) : -1]
+    if fits_context(marked_text, tokenizer):
+        return _finish(marked_text, marked, PromptLayout.CAPTION_THEN_DETAIL, tokenizer)
+    marked_text = DETAIL_PREFIX + marked.text + CAPTION_PREFIX + caption
+    return _finish(marked_text, marked, PromptLayout.DETAIL_THEN_CAPTION, tokenizer)

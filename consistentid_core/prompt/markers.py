@@ -13,13 +13,14 @@ behaviour each one keeps:
    words leave double spaces and punctuation gets a space before it ("face , nose .").
 2. **Mark** (first ``re.sub(..., count=1)`` per part): for each part that has a region, the first
    case-sensitive whole-word match of its word gets `` <|word|>`` appended ("Eyes" does not
-   match "eyes"). A part whose word does not occur loses its region: its crop is dropped from the
-   slots. The original's later ``replace('\\n', '')`` is a no-op after step 1 and is omitted.
+   match "eyes"; after step 1 a capitalised first mention thus hides every lowercase one). A part
+   whose word does not occur loses its region: its crop is dropped from the slots. The original's later ``replace('\\n', '')`` is a no-op after step 1 and is omitted.
 3. **Extract clauses**: for each part that has a region, in marker order (face, ears, eyes, nose,
    mouth), the clause around its marker (bounded by ``, . ;`` or the text's ends; ``!`` and ``?``
    do not end a clause) is cut out, stripped and collected with a trailing ``","``. Clauses
-   without a marker are dropped. A clause holding two markers is collected once, at its first
-   marker; the second marker is then not found. Quirks kept from the original's handling of a
+   without a marker are dropped, and clauses come out in marker order, not caption order. A clause
+   holding two markers is collected once, when the earlier part in marker order is processed; the
+   other marker is then not found. Quirks kept from the original's handling of a
    marker it cannot find (``str.find`` returns -1 and the index is used as is), which also hits
    parts whose word was missing in step 2:
 
