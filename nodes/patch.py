@@ -1,0 +1,188 @@
+"""``patch_model``: ConsistentID on a clone of a ComfyUI MODEL (Python API; the Apply node calls it).
+
+Two parts, both through ComfyUI's own patch mechanisms so that ComfyUI loads, offloads and
+unpatches everything:
+
+* the LoRA of every attention layer (attn1 and attn2) merged into the UNet weights as weight
+  patches (``W += lora_strength · up @ down``; the release LoRA has no alpha), nothing per step;
+* an attn2 replacement per cross-attention layer that adds the decoupled ID branch
+  (``id_attention.IDAttentionPatch``), keyed exactly by the adapter's processor slots.
+
+Several calls on the same model compose: each adds its identity's branch to the layers' patches
+(two people with masks), and the LoRA of one adapter file is merged only once per model.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import weakref
+
+import torch
+
+import comfy.model_patcher
+import comfy.weight_adapter
+
+from consistentid_core import ConsistentIDAdapter, ModelMismatch
+
+from .id_attention import IDAttentionPatch, IdentityBranch
+
+logger = logging.getLogger(__name__)
+
+BASE_MODEL_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+LORA_SOURCE_ATTRIBUTE = "consistentid_source"
+
+_adapter_ids: "weakref.WeakKeyDictionary[ConsistentIDAdapter, str]" = weakref.WeakKeyDictionary()
+
+
+def adapter_id(adapter: ConsistentIDAdapter) -> str:
+    """A stable id per loaded adapter object (tags its LoRA patches so they are merged once)."""
+    if adapter not in _adapter_ids:
+        _adapter_ids[adapter] = uuid.uuid4().hex
+    return _adapter_ids[adapter]
+
+
+def describe_model(model_patcher: comfy.model_patcher.ModelPatcher) -> str:
+    """E.g. ``"SDXL (2048-d text context)"`` for messages."""
+    base_model = model_patcher.model
+    config = getattr(base_model, "model_config", None)
+    name = type(config).__name__ if config is not None else type(base_model).__name__
+    context_dim = getattr(config, "unet_config", {}).get("context_dim") if config is not None else None
+    return f"{name} ({context_dim}-d text context)" if context_dim else name
+
+
+def check_model(model_patcher: comfy.model_patcher.ModelPatcher, adapter: ConsistentIDAdapter) -> None:
+    """Raise ModelMismatch unless every attention layer the adapter patches exists with its width."""
+    diffusion_model = getattr(model_patcher.model, "diffusion_model", None)
+    wanted = BASE_MODEL_NAMES.get(adapter.base_model, adapter.base_model)
+    problem = None
+    for slot, layer in adapter.cross_attention_layers():
+        try:
+            module = diffusion_model.get_submodule(slot.comfy_module)
+            to_q, to_k = module.to_q.weight, module.to_k.weight
+        except AttributeError:
+            problem = f"it has no attention layer {slot.comfy_module}"
+            break
+        if to_k.shape[1] != adapter.cross_attention_dim:
+            problem = f"its cross-attention takes a {to_k.shape[1]}-d text context, not {adapter.cross_attention_dim}-d"
+            break
+        if to_q.shape[0] != layer.hidden_size:
+            problem = f"layer {slot.comfy_module} is {to_q.shape[0]} wide, the adapter's is {layer.hidden_size}"
+            break
+    if problem is not None:
+        raise ModelMismatch(
+            f"This ConsistentID model is for {wanted} checkpoints, but the MODEL is "
+            f"{describe_model(model_patcher)}: {problem}. Use the ConsistentID file made for this "
+            f"base model (ConsistentID-v1.bin for SD1.5, ConsistentID_SDXL-v1.bin for SDXL)."
+        )
+
+
+def _has_lora_of(model_patcher: comfy.model_patcher.ModelPatcher, key: str, source: str) -> bool:
+    return any(getattr(patch[1], LORA_SOURCE_ATTRIBUTE, None) == source for patch in model_patcher.patches.get(key, []))
+
+
+def merge_lora(model_patcher: comfy.model_patcher.ModelPatcher, adapter: ConsistentIDAdapter, strength: float) -> None:
+    """Add the adapter's LoRA deltas as weight patches (in place on ``model_patcher``, a clone)."""
+    if strength == 0.0:
+        return
+    source = adapter_id(adapter)
+    pairs = list(adapter.lora_pairs())
+    if _has_lora_of(model_patcher, pairs[0][0], source):
+        logger.info("ConsistentID: this model already carries this adapter's LoRA; merging it only once.")
+        return
+    patches = {}
+    for key, pair in pairs:
+        lora = comfy.weight_adapter.LoRAAdapter(
+            set(), (pair.up.weight.detach(), pair.down.weight.detach(), None, None, None, None)
+        )
+        setattr(lora, LORA_SOURCE_ATTRIBUTE, source)
+        patches[key] = lora
+    accepted = set(model_patcher.add_patches(patches, strength_patch=strength))
+    missing = [key for key in patches if key not in accepted]
+    if missing:
+        raise ModelMismatch(
+            f"The MODEL ({describe_model(model_patcher)}) has no weights for {len(missing)} of the "
+            f"adapter's {len(patches)} LoRA targets, e.g. {missing[:3]}."
+        )
+
+
+def _prepare_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    if attn_mask is None:
+        return None
+    mask = attn_mask.detach().float().cpu()
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() == 4 and mask.shape[-1] == 1:  # (B, H, W, 1)
+        mask = mask[..., 0]
+    if mask.dim() != 3:
+        raise ValueError(f"attn_mask must be a MASK of shape (H, W) or (B, H, W), got {tuple(attn_mask.shape)}")
+    return mask.clamp(0.0, 1.0)
+
+
+def _stack_tokens(id_tokens: torch.Tensor, uncond_id_tokens: torch.Tensor) -> torch.Tensor:
+    if id_tokens.dim() == 2:
+        id_tokens = id_tokens[None]
+    if uncond_id_tokens.dim() == 2:
+        uncond_id_tokens = uncond_id_tokens[None]
+    if id_tokens.shape[1:] != uncond_id_tokens.shape[1:]:
+        raise ValueError(
+            f"cond and uncond ID tokens differ in shape: {tuple(id_tokens.shape)} vs {tuple(uncond_id_tokens.shape)}"
+        )
+    if uncond_id_tokens.shape[0] != id_tokens.shape[0]:
+        uncond_id_tokens = uncond_id_tokens[:1].expand_as(id_tokens)
+    return torch.stack([id_tokens, uncond_id_tokens])
+
+
+def patch_model(
+    model_patcher: comfy.model_patcher.ModelPatcher,
+    adapter: ConsistentIDAdapter,
+    id_tokens: torch.Tensor,
+    uncond_id_tokens: torch.Tensor,
+    weight: float = 1.0,
+    lora_strength: float = 1.0,
+    start_at: float = 0.0,
+    end_at: float = 1.0,
+    attn_mask: torch.Tensor | None = None,
+) -> comfy.model_patcher.ModelPatcher:
+    """Return a clone of ``model_patcher`` with the adapter's LoRA merged and its ID branch added.
+
+    ``id_tokens``/``uncond_id_tokens``: ``(B, T, D)`` (or ``(T, D)``) from ``adapter.id_tokens``;
+    B is 1 or the latent batch size. ``weight`` scales the ID branch (the original's ``scale``,
+    1.0), ``lora_strength`` the merged LoRA. ``start_at``/``end_at`` (fractions of the denoising)
+    bound the ID branch through ``extra_options["sigmas"]``; a call without sigmas runs it.
+    ``attn_mask`` (``(H, W)`` or ``(B, H, W)``, any resolution with the image's aspect ratio)
+    confines the branch to a region. The input ``model_patcher`` is not modified.
+    """
+    check_model(model_patcher, adapter)
+    if not 0.0 <= start_at <= end_at <= 1.0:
+        raise ValueError(f"need 0 <= start_at <= end_at <= 1, got start_at={start_at}, end_at={end_at}")
+    work = model_patcher.clone()
+    merge_lora(work, adapter, lora_strength)
+
+    sampling = work.get_model_object("model_sampling")
+    sigma_start = float(sampling.percent_to_sigma(start_at))
+    sigma_end = float(sampling.percent_to_sigma(end_at))
+    mask = _prepare_mask(attn_mask)
+    tokens = _stack_tokens(id_tokens, uncond_id_tokens)
+
+    replace = work.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    with torch.no_grad():
+        for slot, layer in adapter.cross_attention_layers():
+            keys, values = layer.id_key_value(tokens.flatten(0, 1).to(adapter.device))
+            shape = (2, tokens.shape[1], tokens.shape[2], keys.shape[-1])
+            branch = IdentityBranch(
+                keys=keys.reshape(shape).detach(),
+                values=values.reshape(shape).detach(),
+                weight=float(weight),
+                sigma_start=sigma_start,
+                sigma_end=sigma_end,
+                mask=mask,
+            )
+            block, number, index = slot.patch_key
+            previous = replace.get((block, number, index), replace.get((block, number)))
+            if getattr(previous, "consistentid_patch", False):
+                patch = previous.with_branch(branch)
+            else:
+                patch = IDAttentionPatch((branch,), base=previous)
+            work.set_model_attn2_replace(patch, block, number, index)
+    return work
