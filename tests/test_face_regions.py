@@ -14,6 +14,7 @@ from consistentid_core.face import (
     masked_region_image,
     region_mask_tensor,
     region_masks,
+    select_facial_labels,
     without_background_mask,
 )
 
@@ -110,3 +111,9 @@ def test_region_mask_tensor_equals_centercrop_totensor(shape):
     result = region_mask_tensor(mask)
     assert result.dtype == torch.float32
     assert torch.equal(result, expected)
+
+
+def test_select_facial_labels_ignores_other_classes_and_orders_by_label():
+    """The keep-one rule on bare label ids (shared with prompt marking): crop order, one per part."""
+    assert select_facial_labels([17, 13, 5, 8, 0, 2]) == (5, 8, 13)
+    assert select_facial_labels([]) == ()

@@ -27,6 +27,7 @@ from consistentid_core.face.labels import (
     NUM_PARSING_CLASSES,
     REFERENCE_PART_NAMES,
     FaceLabel,
+    select_facial_labels,
 )
 from consistentid_core.face.parsing import PARSING_SIZE, PART_COLORS, FaceParser, colorize_parsing
 from consistentid_core.face.regions import (
@@ -63,6 +64,7 @@ __all__ = [
     "masked_region_image",
     "region_mask_tensor",
     "region_masks",
+    "select_facial_labels",
     "select_providers",
     "to_rgb_uint8",
     "uncond_pixel_values",

@@ -12,6 +12,7 @@ ids is used for the facial crops, so behaviour is unaffected; we use the correct
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum
 
 NUM_PARSING_CLASSES = 19
@@ -67,3 +68,19 @@ REFERENCE_PART_NAMES: dict[int, str] = {
     FaceLabel.UPPER_LIP: "Upper_Lip",
     FaceLabel.LOWER_LIP: "Lower_Lip",
 }
+
+
+def select_facial_labels(present_labels: Iterable[int]) -> tuple[int, ...]:
+    """The labels whose regions become facial crops, in crop order (ascending label).
+
+    Per part, the lowest label present: Left_Eye (4) over Right_Eye (5), Left_Ear (7) over
+    Right_Ear (8), Upper_Lip (12) over Lower_Lip (13), as the original's dedupe on the name
+    after "_" does (reference §4.15-16). Labels of other classes are ignored.
+    """
+    present = {int(label) for label in present_labels}
+    chosen = []
+    for candidates in FACIAL_PART_LABELS.values():
+        found = [int(label) for label in candidates if label in present]
+        if found:
+            chosen.append(min(found))
+    return tuple(sorted(chosen))

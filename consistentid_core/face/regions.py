@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from consistentid_core.face.images import to_rgb_uint8
-from consistentid_core.face.labels import FACIAL_PART_LABELS, FaceLabel
+from consistentid_core.face.labels import FaceLabel, select_facial_labels
 
 __all__ = [
     "region_masks",
@@ -62,13 +62,8 @@ def facial_regions(labels: np.ndarray) -> dict[int, np.ndarray]:
     original's dedupe (reference §4.15-16). This order is the crop order the facial
     tokens are paired with.
     """
-    present = set(np.unique(labels).tolist())
-    regions = {}
-    for candidates in FACIAL_PART_LABELS.values():
-        chosen = next((label for label in candidates if label in present), None)
-        if chosen is not None:
-            regions[int(chosen)] = _label_mask(labels, chosen)
-    return dict(sorted(regions.items()))
+    chosen = select_facial_labels(np.unique(labels))
+    return {label: _label_mask(labels, label) for label in chosen}
 
 
 def masked_region_image(image_rgb: Any, mask: np.ndarray) -> np.ndarray:
