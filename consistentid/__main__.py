@@ -1,0 +1,36 @@
+"""``python -m consistentid {doctor,run} ...``: the command line (see ``docs/CLI.md``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import doctor, runner
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m consistentid", description="ComfyUI-ConsistentID command line tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{doctor,run}")
+    doctor_parser = commands.add_parser(
+        "doctor", help="check the install and every model file; says exactly what to fix",
+        description="Check Python, torch, ComfyUI, ONNX Runtime, InsightFace and every ConsistentID model file. "
+                    "Exit code 1 when something blocks generation.",
+    )
+    doctor.add_arguments(doctor_parser)
+    doctor_parser.set_defaults(handler=doctor.main)
+    run_parser = commands.add_parser(
+        "run", help="run an API-format workflow without the web server and save its images",
+        description="Run an API-format workflow (ComfyUI: Workflow > Export (API)) through ComfyUI's executor.",
+    )
+    runner.add_arguments(run_parser)
+    run_parser.set_defaults(handler=runner.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""``python -m consistentid run``: an API-format workflow through ComfyUI's executor, no web server.
+
+ComfyUI is imported from its checkout (``--comfyui``) the way its ``main.py`` does it: arguments
+parsed before ``comfy.model_management`` is imported, ``extra_model_paths.yaml`` applied, the
+built-in extra nodes initialised, then this package loaded with ``nodes.load_custom_node`` (or all
+custom nodes with ``--custom-nodes``). Progress comes from ComfyUI's global progress-bar hook;
+images (SaveImage and PreviewImage) are written to ``--out``. A failing node is reported as one
+message (node id, class, exception), not a traceback; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .comfy_paths import PACKAGE_ROOT, default_comfyui_path
+from .workflow import (
+    WorkflowError, apply_overrides, describe_node, format_execution_error, format_validation_errors, load_workflow,
+    parse_override,
+)
+
+__all__ = ["add_arguments", "main", "bootstrap_comfyui", "run_workflow", "RunResult"]
+
+logger = logging.getLogger("consistentid.run")
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workflow", type=Path, help="API-format workflow JSON (ComfyUI: Workflow > Export (API))")
+    parser.add_argument("--comfyui", type=Path, default=None,
+                        help="ComfyUI folder (default: $COMFYUI_PATH, or the ComfyUI this package is installed in)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                        help="change an input; NODE is a node id, a node title or a class used once; VALUE is JSON "
+                             "when it parses (42, 7.5, true) and text otherwise (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path("output"), help="folder for the images (default: ./output)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (ComfyUI's --cpu)")
+    parser.add_argument("--base-directory", type=Path, default=None, help="ComfyUI's --base-directory (models, input)")
+    parser.add_argument("--extra-model-paths-config", type=Path, action="append", default=[],
+                        help="an extra_model_paths.yaml besides the ComfyUI folder's own (repeatable)")
+    parser.add_argument("--custom-nodes", action="store_true",
+                        help="also load every package in ComfyUI/custom_nodes (for workflows that use other custom nodes)")
+    parser.add_argument("--comfy-arg", action="append", default=[], metavar="ARG",
+                        help="pass an argument to ComfyUI, e.g. --comfy-arg=--fp32-unet (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--verbose", action="store_true", help="ComfyUI's log messages and full tracebacks")
+
+
+def _comfy_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--cpu"] if args.cpu else []
+    if args.base_directory:
+        argv += ["--base-directory", str(args.base_directory)]
+    for config in args.extra_model_paths_config:
+        argv += ["--extra-model-paths-config", str(config)]
+    return argv + list(args.comfy_arg)
+
+
+def _front_of_path(comfyui: Path) -> None:
+    """ComfyUI's root first; our repository root last (its ``nodes/`` would shadow ``nodes.py``)."""
+    ours = PACKAGE_ROOT.resolve()
+
+    def is_ours(entry: str) -> bool:
+        return Path(entry or ".").resolve() == ours
+
+    sys.path[:] = [str(comfyui)] + [p for p in sys.path if not is_ours(p) and Path(p or ".").resolve() != comfyui.resolve()]
+    sys.path.append(str(ours))
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent.parent == ours:
+        raise RuntimeError("our nodes/ package was imported as the top-level 'nodes'; run from another folder")
+
+
+def bootstrap_comfyui(comfyui: Path, comfy_argv: list[str], all_custom_nodes: bool = False) -> None:
+    """Import ComfyUI headless and load the nodes (idempotent within one process)."""
+    comfyui = comfyui.expanduser().resolve()
+    if not (comfyui / "execution.py").is_file():
+        raise WorkflowError(f"{comfyui} is not a ComfyUI folder (no execution.py); pass --comfyui /path/to/ComfyUI")
+    _front_of_path(comfyui)
+    if "comfy.cli_args" not in sys.modules:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        saved_argv = sys.argv
+        sys.argv = [str(comfyui / "main.py"), *comfy_argv]
+        try:
+            import comfy.cli_args  # noqa: F401  (parses sys.argv once, before model_management reads it)
+        finally:
+            sys.argv = saved_argv
+        _apply_custom_paths(comfyui)
+    import nodes
+
+    if not _builtin_extras_loaded(nodes):
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=all_custom_nodes, init_api_nodes=False))
+    if str(PACKAGE_ROOT) not in nodes.LOADED_MODULE_DIRS.values():
+        if not asyncio.run(nodes.load_custom_node(str(PACKAGE_ROOT))):
+            raise WorkflowError("loading ComfyUI-ConsistentID into ComfyUI failed (run with --verbose for the import error)")
+
+
+def _builtin_extras_loaded(nodes: Any) -> bool:
+    return any(Path(path).parent.name == "comfy_extras" for path in nodes.LOADED_MODULE_DIRS.values())
+
+
+def _apply_custom_paths(comfyui: Path) -> None:
+    """What ComfyUI's main.py does at import: extra_model_paths.yaml files and directory options."""
+    import folder_paths
+    import utils.extra_config
+    from comfy.cli_args import args
+
+    configs = [comfyui / "extra_model_paths.yaml"] if (comfyui / "extra_model_paths.yaml").is_file() else []
+    for group in args.extra_model_paths_config or []:
+        configs += [Path(p) for p in group]
+    for config in configs:
+        utils.extra_config.load_extra_path_config(str(config))
+    if args.output_directory:
+        folder_paths.set_output_directory(str(Path(args.output_directory).resolve()))
+    if args.input_directory:
+        folder_paths.set_input_directory(str(Path(args.input_directory).resolve()))
+
+
+class _Progress:
+    """One tqdm bar per ProgressBar-using node (sampler steps), a line per node started."""
+
+    def __init__(self, workflow: Mapping[str, dict], enabled: bool) -> None:
+        self.workflow, self.enabled = workflow, enabled
+        self.node: str | None = None
+        self.bar: Any = None
+        self.bar_key: tuple | None = None
+
+    def event(self, event: str, data: Any, sid: Any = None) -> None:
+        if event == "executing" and isinstance(data, dict):
+            self.close()
+            self.node = data.get("node")
+            if self.enabled and self.node is not None:
+                from tqdm import tqdm
+
+                tqdm.write(f"running {describe_node(self.workflow, str(self.node))}", file=sys.stderr)
+
+    def hook(self, value: int, total: int, preview: Any, prompt_id: Any = None, node_id: Any = None) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        node = str(node_id or self.node)
+        if self.bar is None or self.bar_key != (node, total):
+            self.close()
+            self.bar = tqdm(total=total, desc=f"  {describe_node(self.workflow, node)}", unit="step", file=sys.stderr, leave=False)
+            self.bar_key = (node, total)
+        self.bar.update(value - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.bar_key = None, None
+
+
+class _Server:
+    """The few attributes PromptExecutor uses of ComfyUI's PromptServer."""
+
+    def __init__(self, on_event: Callable[..., None]) -> None:
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+        self.sockets_metadata: dict = {}
+        self._on_event = on_event
+
+    def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
+        self._on_event(event, data, sid)
+
+    def queue_updated(self) -> None:
+        pass
+
+
+class RunResult:
+    def __init__(self, ok: bool, errors: list[str], images: list[Path]) -> None:
+        self.ok, self.errors, self.images = ok, errors, images
+
+
+def _node_inputs(class_type: str) -> set[str] | None:
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS.get(class_type)
+    if cls is None:
+        return None
+    try:
+        spec = cls.INPUT_TYPES()
+    except Exception:  # noqa: BLE001 - a node that cannot describe itself is checked by ComfyUI later
+        return None
+    return {name for group in ("required", "optional") for name in (spec.get(group) or {})}
+
+
+def run_workflow(workflow: Mapping[str, dict], out_dir: Path, progress: bool = True) -> RunResult:
+    """Validate and execute ``workflow`` (ComfyUI already bootstrapped); images land in ``out_dir``."""
+    import comfy.utils
+    import execution
+    import folder_paths
+
+    prompt_id = uuid.uuid4().hex
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, dict(workflow), None))
+    if not valid or node_errors:
+        return RunResult(False, format_validation_errors(workflow, error, node_errors), [])
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(out_dir))
+    temp_dir = Path(tempfile.mkdtemp(prefix="consistentid-run-"))
+    folder_paths.set_temp_directory(str(temp_dir))
+    bars = _Progress(workflow, progress)
+    comfy.utils.set_progress_bar_global_hook(bars.hook)
+    server = _Server(bars.event)
+    try:
+        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+        executor.execute(dict(workflow), prompt_id, {"client_id": "consistentid-cli"}, outputs)
+        bars.close()
+        if not executor.success:
+            return RunResult(False, _execution_errors(workflow, executor.status_messages), [])
+        images = _collect_images(executor.history_result.get("outputs", {}), out_dir, temp_dir)
+        return RunResult(True, [], images)
+    finally:
+        bars.close()
+        comfy.utils.set_progress_bar_global_hook(None)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _execution_errors(workflow: Mapping[str, dict], messages: list) -> list[str]:
+    errors = [format_execution_error(workflow, data) for event, data in messages if event == "execution_error"]
+    if any(event == "execution_interrupted" for event, _ in messages):
+        errors.append("interrupted")
+    return errors or ["the workflow failed (run with --verbose for ComfyUI's log)"]
+
+
+def _collect_images(outputs: Mapping[str, dict], out_dir: Path, temp_dir: Path) -> list[Path]:
+    """Paths of saved images; PreviewImage files are copied from the temp folder into ``out_dir``."""
+    images = []
+    for ui in outputs.values():
+        for item in ui.get("images", []) if isinstance(ui, dict) else []:
+            source_root = out_dir if item.get("type") == "output" else temp_dir
+            source = source_root / item.get("subfolder", "") / item["filename"]
+            target = out_dir / item.get("subfolder", "") / item["filename"]
+            if source != target and source.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+            if target.is_file():
+                images.append(target)
+    return images
+
+
+class _HideExecutorTracebacks(logging.Filter):
+    """ComfyUI logs a node's exception with its traceback; the runner prints one message instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.module == "execution")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_HideExecutorTracebacks())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def main(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    comfyui = args.comfyui or default_comfyui_path()
+    try:
+        if comfyui is None:
+            raise WorkflowError("ComfyUI folder unknown: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH")
+        workflow = load_workflow(args.workflow)
+        overrides = [parse_override(text) for text in args.overrides]
+        bootstrap_comfyui(Path(comfyui), _comfy_argv(args), args.custom_nodes)
+        workflow = apply_overrides(workflow, overrides, _node_inputs)
+    except WorkflowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = run_workflow(workflow, args.out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    for line in result.errors:
+        print(f"error: {line}", file=sys.stderr)
+    for path in result.images:
+        print(f"saved {path}")
+    return 0 if result.ok else EXIT_FAILED
