@@ -1,0 +1,37 @@
+"""Socket types and the objects that travel on them.
+
+``CONSISTENTID`` carries a ``consistentid_core.ConsistentIDAdapter``; ``FACE_PARSER`` a
+``consistentid_core.face.FaceParser``; ``FACE_ANALYSIS`` (ComfyUI's own socket type) a
+``consistentid_core.face.FaceAnalyzer``; ``CONSISTENTID_FACE`` an :class:`EncodedFace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from consistentid_core.reference import FaceFeatures
+
+ConsistentIDModel = io.Custom("CONSISTENTID")
+FaceParserType = io.Custom("FACE_PARSER")
+ConsistentIDFace = io.Custom("CONSISTENTID_FACE")
+
+CATEGORY = "ConsistentID"
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedFace:
+    """A reference face ready for Apply ConsistentID: features, caption and ID tokens.
+
+    ``id_tokens``/``uncond_id_tokens`` were made by the adapter whose id is ``adapter_id``; Apply
+    recomputes them when it is given another adapter.
+    """
+
+    features: FaceFeatures
+    face_caption: str
+    base_model: str
+    adapter_id: str
+    id_tokens: torch.Tensor
+    uncond_id_tokens: torch.Tensor
