@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from consistentid_core.reference import FaceFeatures
 
 __all__ = [
     "FACE_SUFFIX", "FORMAT", "FORMAT_VERSION", "FacePathError", "StoredFace", "adapter_face_dims",
-    "check_compatible", "image_sha256", "load_face", "next_free_path", "resolve_in", "save_face",
+    "check_compatible", "image_sha256", "is_face_file", "load_face", "next_free_path", "resolve_in", "save_face",
 ]
 
 FORMAT = "consistentid-face"
@@ -40,6 +41,7 @@ _RESERVED = {
     "format", "format_version", "base_model", "face_caption", "clip_width", "id_embedding_dim", "context_dim",
     "region_labels", "used_images", "skipped_images", "image_sizes", "image_regions",
 }
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a face header is a few KiB; larger means another kind of file
 _FEATURE_TENSORS = ("id_embedding", "face_hidden_states", "uncond_face_hidden_states", "uncond_region_hidden_states")
 
 
@@ -85,8 +87,10 @@ def adapter_face_dims(adapter: Any) -> tuple[int, int]:
 
 
 def _tensor(value: Any) -> torch.Tensor:
+    """A CPU copy: FaceFeatures shares storage between fields (views of one CLIP batch, the same
+    zero-image features twice), which safetensors refuses to write."""
     tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
-    return tensor.detach().cpu().contiguous()
+    return tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
 
 
 def _flatten(face: StoredFace) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -139,6 +143,19 @@ def save_face(path: str | os.PathLike, face: StoredFace) -> Path:
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def is_face_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a saved face, from its safetensors header alone (for file lists)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > MAX_HEADER_BYTES:
+                return False
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error):
+        return False
+    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == FORMAT
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

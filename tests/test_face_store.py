@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from consistentid_core.errors import CheckpointFormatError, ModelMismatch
 from consistentid_core.face_store import (
-    FacePathError, StoredFace, adapter_face_dims, check_compatible, image_sha256, load_face, next_free_path,
+    FacePathError, StoredFace, adapter_face_dims, check_compatible, image_sha256, is_face_file, load_face, next_free_path,
     resolve_in, save_face,
 )
 from consistentid_core.reference import FaceFeatures
@@ -21,17 +21,18 @@ TOKENS, WIDTH = 5, 32  # tiny CLIP vision: 5 tokens of width 32 (the tiny adapte
 
 
 def _features(seed: int = 0, width: int = WIDTH) -> FaceFeatures:
-    """Two used images, one skipped; odd values (NaN-free but not round) to catch any conversion."""
+    """Two used images, one skipped; tensors share storage like extract_face_features' output."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     masks = ({1: rng.integers(0, 256, (16, 16), dtype=np.uint8), 4: rng.integers(0, 2, (16, 16)).astype(bool)},
              {1: rng.integers(0, 256, (16, 16), dtype=np.uint8)})
+    hidden = torch.randn(4, TOKENS, width, generator=g)  # one CLIP batch: fields are views of it, as extracted
     return FaceFeatures(
         id_embedding=torch.randn(512, generator=g),
-        face_hidden_states=torch.randn(TOKENS, width, generator=g),
-        uncond_face_hidden_states=torch.randn(TOKENS, width, generator=g),
-        region_hidden_states={1: torch.randn(TOKENS, width, generator=g), 4: torch.randn(TOKENS, width, generator=g).half()},
-        uncond_region_hidden_states=torch.randn(TOKENS, width, generator=g),
+        face_hidden_states=hidden[0],
+        uncond_face_hidden_states=hidden[3],
+        region_hidden_states={1: hidden[1], 4: torch.randn(TOKENS, width, generator=g).half()},
+        uncond_region_hidden_states=hidden[3],
         region_masks=masks,
         parsing_labels=tuple(rng.integers(0, 19, (16, 16), dtype=np.uint8) for _ in range(2)),
         parsing_previews=tuple(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)),
@@ -191,3 +192,13 @@ def test_image_hash_ignores_container():
     pixels = np.random.default_rng(0).integers(0, 256, (8, 6, 3), dtype=np.uint8)
     assert image_sha256(pixels) == image_sha256(torch.from_numpy(pixels).float() / 255.0)
     assert image_sha256(pixels) != image_sha256(pixels[:, ::-1])
+
+
+def test_face_files_are_told_apart_by_header(tmp_path):
+    """is_face_file reads the header only: a saved face yes; a model, text or empty file no."""
+    face = save_face(tmp_path / "face.safetensors", _stored())
+    model = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, str(model))
+    (tmp_path / "notes.safetensors").write_text("hello")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert [is_face_file(p) for p in (face, model, tmp_path / "notes.safetensors", tmp_path / "empty.safetensors")] == [True, False, False, False]
