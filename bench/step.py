@@ -1,0 +1,309 @@
+"""Sampling-step cost: plain ComfyUI model vs ``patch_model`` vs the original's unmerged LoRA.
+
+Each variant owns its own UNet instance with identical weights, loaded once, so a timed call is
+exactly one UNet forward as ComfyUI's sampler makes it (``BaseModel.apply_model`` with the
+patcher's ``transformer_options``, ``cond_or_uncond`` and ``sigmas``), batch 2 (cond + uncond).
+Sharing one instance would make ComfyUI swap merged weights in and out between variants, which
+measures re-patching and allocator page faults instead of steps (design.md §8).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bench import stats
+from bench.models import Sizes, build_adapter, build_unet, id_tokens
+from bench.report import Section, Target
+from bench.unmerged import apply_runtime_lora, install_runtime_id_attention
+
+logger = logging.getLogger(__name__)
+
+BATCH_CHUNKS = [1, 0]  # uncond, cond: the order ComfyUI's calc_cond_batch was seen to use
+VARIANTS = ("plain", "patched", "unmerged")
+FAITHFUL_TOLERANCE = 1e-2  # |unmerged − patched| relative to the LoRA's effect |patched − plain|
+
+
+def comfy_attention(q, k, v, heads, **kwargs):
+    """ComfyUI's ``optimized_attention`` (what CrossAttention and our patch call), looked up per call."""
+    import comfy.ldm.modules.attention as attention
+
+    return attention.optimized_attention(q, k, v, heads, **kwargs)
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    sigma: torch.Tensor
+    context: torch.Tensor
+
+
+def make_inputs(px: int, context_dim: int, sigma: float, seed: int = 5) -> Inputs:
+    generator = torch.Generator().manual_seed(seed + px)
+    latent = px // 8
+    return Inputs(
+        x=torch.randn(len(BATCH_CHUNKS), 4, latent, latent, generator=generator),
+        sigma=torch.full((len(BATCH_CHUNKS),), sigma),
+        context=torch.randn(len(BATCH_CHUNKS), 77, context_dim, generator=generator),
+    )
+
+
+def step_options(patcher, inputs: Inputs, replace: dict | None = None) -> dict:
+    """The transformer_options ComfyUI's sampler passes for one batched cond+uncond call."""
+    options = dict(patcher.model_options["transformer_options"])
+    options["cond_or_uncond"] = list(BATCH_CHUNKS)
+    options["sigmas"] = inputs.sigma
+    if replace is not None:
+        patches = dict(options.get("patches_replace", {}))
+        patches["attn2"] = replace
+        options["patches_replace"] = patches
+    return options
+
+
+def forward(patcher, inputs: Inputs, replace: dict | None = None) -> torch.Tensor:
+    with torch.inference_mode():
+        return patcher.model.apply_model(
+            inputs.x, inputs.sigma, c_crossattn=inputs.context, transformer_options=step_options(patcher, inputs, replace)
+        )
+
+
+class Attn2Timer:
+    """Wraps attn2 replacements and sums the seconds spent inside them (one UNet call at a time)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, patch: Callable) -> Callable:
+        def timed(q, k, v, extra_options):
+            start = time.perf_counter()
+            out = patch(q, k, v, extra_options)
+            self.seconds += time.perf_counter() - start
+            return out
+
+        return timed
+
+
+def text_only_attn2(q, k, v, extra_options):
+    """What ComfyUI's CrossAttention does without a patch (baseline for the ID-branch timing)."""
+    return comfy_attention(
+        q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+    )
+
+
+def strip_mask(index: int, count: int, size: int = 64) -> torch.Tensor:
+    """(size, size) mask, 1 on vertical strip ``index`` of ``count`` (one person per strip)."""
+    mask = torch.zeros(size, size)
+    width = size // count
+    mask[:, index * width:(index + 1) * width if index < count - 1 else size] = 1.0
+    return mask
+
+
+@dataclass
+class StepRig:
+    """Three UNet instances (plain, patched, unmerged) plus identity-count variants of the patched one."""
+
+    comfy: Any
+    sizes: Sizes
+    adapter: Any
+    patchers: dict[str, Any]
+    identity_patchers: dict[int, Any]
+    sigma: float
+    check: dict[str, float] = field(default_factory=dict)
+    measured: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> "StepRig":
+        patch = comfy.our("patch")
+        started = time.perf_counter()
+        plain = build_unet(sizes.unet, seed=0)
+        base_patched = build_unet(sizes.unet, like=plain)
+        base_unmerged = build_unet(sizes.unet, like=plain)
+        adapter = build_adapter(sizes.adapter)
+        cond, uncond = id_tokens(adapter)
+        progress(f"  built 3 UNet instances (shared weights) and the adapter in {time.perf_counter() - started:.0f} s")
+
+        probe_key = next(key for key, _ in adapter.lora_pairs())
+        pristine = plain.model.get_parameter(probe_key).detach().clone()
+        patched = patch.patch_model(base_patched, adapter, cond, uncond)
+        comfy.mm.load_models_gpu([patched], force_full_load=True)  # merges the LoRA into instance 2, once
+        if not torch.equal(plain.model.get_parameter(probe_key), pristine):
+            raise RuntimeError("merging the LoRA into the patched instance changed the plain instance's weights")
+        apply_runtime_lora(base_unmerged.model.diffusion_model, adapter)
+        unmerged = base_unmerged.clone()
+        install_runtime_id_attention(unmerged, adapter, cond, uncond, comfy_attention)
+
+        identity_patchers = {0: base_patched.clone()}
+        patch.merge_lora(identity_patchers[0], adapter, 1.0)  # same weights as `patched`, no ID branch
+        for count in sizes.identity_counts:
+            if count == 0:
+                continue
+            chained = base_patched
+            for index in range(count):
+                person_cond, person_uncond = id_tokens(adapter, seed=100 + index)
+                chained = patch.patch_model(chained, adapter, person_cond, person_uncond, attn_mask=strip_mask(index, count))
+            identity_patchers[count] = chained
+        sigma = float(plain.get_model_object("model_sampling").percent_to_sigma(0.5))
+        rig = cls(comfy, sizes, adapter, {"plain": plain, "patched": patched, "unmerged": unmerged}, identity_patchers, sigma)
+        rig.check_outputs(min(sizes.unmerged_resolutions))
+        progress(
+            f"  setup {time.perf_counter() - started:.0f} s; unmerged stand-in matches the patched model to "
+            f"{rig.check['unmerged_vs_patched_relative']:.1e} of the LoRA's effect"
+        )
+        return rig
+
+    def inputs(self, px: int) -> Inputs:
+        return make_inputs(px, self.sizes.context_dim, self.sigma)
+
+    def check_outputs(self, px: int) -> None:
+        """The stand-in computes what we compute, and the LoRA really changes the output."""
+        inputs = self.inputs(px)
+        out = {name: forward(patcher, inputs) for name, patcher in self.patchers.items()}
+        lora_effect = float((out["patched"] - out["plain"]).abs().max())
+        mismatch = float((out["unmerged"] - out["patched"]).abs().max())
+        self.check = {
+            "px": px,
+            "patched_vs_plain_max_abs": lora_effect,
+            "unmerged_vs_patched_max_abs": mismatch,
+            "unmerged_vs_patched_relative": mismatch / lora_effect if lora_effect else float("inf"),
+        }
+        if not torch.isfinite(out["plain"]).all() or lora_effect == 0.0:
+            raise RuntimeError(f"bad benchmark models: {self.check}")
+        if self.check["unmerged_vs_patched_relative"] > FAITHFUL_TOLERANCE:
+            raise RuntimeError(f"the unmerged stand-in does not compute what patch_model computes: {self.check}")
+
+    def measure(self, px: int, variants: Sequence[str], progress: Callable[[str], None] = print) -> dict[str, list[float]]:
+        """Interleaved step times at ``px`` (cached per resolution; a superset is reused)."""
+        have = self.measured.get(px, {})
+        if all(name in have for name in variants):
+            return have
+        inputs = self.inputs(px)
+        calls = {name: (lambda p=self.patchers[name]: forward(p, inputs)) for name in variants}
+        rounds = self.sizes.rounds_for(px)
+        progress(f"  {px} px: {', '.join(variants)}; {self.sizes.warmup} warm-up + {rounds} rounds")
+        samples = stats.run_interleaved(
+            calls, rounds, self.sizes.warmup,
+            on_round=lambda r, t: progress(f"    round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())),
+        )
+        self.measured[px] = samples
+        return samples
+
+    def measure_identities(self, progress: Callable[[str], None] = print) -> dict[str, dict[int, list[float]]]:
+        """Step time and seconds inside attn2 per step, for each number of identities."""
+        px = self.sizes.identity_resolution
+        inputs = self.inputs(px)
+        attn2: dict[int, list[float]] = {count: [] for count in self.identity_patchers}
+
+        def call(count: int) -> Callable[[], None]:
+            patcher = self.identity_patchers[count]
+            installed = patcher.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+
+            def run() -> None:
+                timer = Attn2Timer()
+                keys = [slot.patch_key for slot, _ in self.adapter.cross_attention_layers()]
+                replace = {key: timer.wrap(installed.get(key, text_only_attn2)) for key in keys}
+                forward(patcher, inputs, replace)
+                attn2[count].append(timer.seconds)
+
+            return run
+
+        rounds = self.sizes.identity_rounds
+        progress(f"  {px} px, identities {list(self.identity_patchers)}; {self.sizes.warmup} warm-up + {rounds} rounds")
+        steps = stats.run_interleaved(
+            {count: call(count) for count in self.identity_patchers}, rounds, self.sizes.warmup,
+            on_round=lambda r, t: progress(f"    round {r + 1}: " + ", ".join(f"{k} IDs {v:.2f} s" for k, v in t.items())),
+        )
+        skip = self.sizes.warmup  # warm-up calls appended attn2 samples too
+        return {"step": steps, "attn2": {count: values[skip:] for count, values in attn2.items()}}
+
+
+def step_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
+    rows, targets, data = [], [], {"check": rig.check, "samples": {}}
+    for px in rig.sizes.unmerged_resolutions:
+        samples = rig.measure(px, VARIANTS, progress)
+        data["samples"][px] = {name: samples[name] for name in VARIANTS}
+        over_plain = stats.ratio(samples, "patched", "plain")
+        over_unmerged = stats.ratio(samples, "patched", "unmerged")
+        rows.append([
+            px, len(samples["plain"]), *(stats.median(samples[name]) for name in VARIANTS), over_plain, over_unmerged,
+            stats.ratio(samples, "unmerged", "plain"),
+        ])
+        targets.append(Target(f"step {px} px: patched/plain", over_plain, 1.05))
+        targets.append(Target(f"step {px} px: patched/unmerged", over_unmerged, 0.90))
+    return Section(
+        name="step",
+        title="Sampling step (SD1.5 UNet, batch 2 = cond + uncond, s per step)",
+        columns=["px", "N", "plain s", "patched s", "unmerged s", "patched/plain", "patched/unmerged", "unmerged/plain"],
+        rows=rows,
+        targets=targets,
+        notes=[
+            "patched = nodes.patch.patch_model (LoRA merged as weight patches + ID-branch attn2 patch); "
+            "unmerged = the original's design (LoRA on q/k/v/out of all 32 attention layers and to_k_ip/to_v_ip "
+            "evaluated at every call), bench/unmerged.py.",
+            f"The unmerged stand-in's output equals the patched model's to "
+            f"{rig.check['unmerged_vs_patched_relative']:.1e} of the LoRA's effect (max abs "
+            f"{rig.check['unmerged_vs_patched_max_abs']:.1e} vs {rig.check['patched_vs_plain_max_abs']:.1e}).",
+            "Ratios are medians of per-round ratios over N interleaved rounds (rotating order), times are medians.",
+        ],
+        data=data,
+    )
+
+
+def resolution_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
+    rows, data = [], {}
+    base = None
+    for px in rig.sizes.scaling_resolutions:
+        samples = rig.measure(px, ("plain", "patched"), progress)
+        data[px] = {name: samples[name] for name in ("plain", "patched")}
+        plain = stats.median(samples["plain"])
+        base = base or plain
+        latent = (px // 8) ** 2
+        rows.append([px, latent, len(samples["plain"]), plain, stats.median(samples["patched"]),
+                     stats.ratio(samples, "patched", "plain"), plain / base])
+    return Section(
+        name="scaling_resolution",
+        title="Scaling with resolution (s per step, batch 2)",
+        columns=["px", "latent tokens", "N", "plain s", "patched s", "patched/plain", "plain vs smallest"],
+        rows=rows,
+        notes=["The ID branch adds one attention over 4 tokens per cross-attention layer: its share of a step "
+               "does not grow with resolution (self-attention, quadratic in tokens, dominates)."],
+        data={"samples": data},
+    )
+
+
+def identity_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
+    measured = rig.measure_identities(progress)
+    steps, attn2 = measured["step"], measured["attn2"]
+    counts = sorted(steps)
+    base_attn2 = stats.median(attn2[0])
+    rows, branch = [], {}
+    for count in counts:
+        step = stats.median(steps[count])
+        branch[count] = stats.median(attn2[count]) - base_attn2
+        rows.append([count, len(steps[count]), step, stats.ratio(steps, count, 0), stats.median(attn2[count]) * 1e3,
+                     branch[count] * 1e3, branch[count] / step])
+    intercept, slope, r2 = stats.linear_fit(counts, [branch[c] for c in counts])
+    most = max(counts)
+    step_most = stats.median(steps[most])
+    targets = [
+        Target(f"ID branch, {most} identities, share of a step", branch[most] / step_most, 0.05),
+        Target("ID branch vs identities: linear fit r²", r2, 0.95, ">="),
+    ]
+    return Section(
+        name="scaling_identities",
+        title=f"Scaling with identities ({rig.sizes.identity_resolution} px, chained patch_model with masks)",
+        columns=["identities", "N", "step s", "step / 0 IDs", "attn2 ms/step", "ID branch ms/step", "ID share of step"],
+        rows=rows,
+        targets=targets,
+        notes=[
+            "0 IDs = the same merged-LoRA weights without ID patches; each identity is one more patch_model "
+            "with its own tokens and a strip mask. attn2 ms/step = seconds inside the 16 cross-attention "
+            "computations (timed in place); ID branch = that minus the 0-ID text attention.",
+            f"Linear fit: {slope * 1e3:.2f} ms per identity (+{intercept * 1e3:.2f} ms), r² = {r2:.3f}.",
+        ],
+        data={"step": steps, "attn2": attn2, "fit": {"intercept_s": intercept, "slope_s": slope, "r2": r2}},
+    )

@@ -1,0 +1,75 @@
+"""bench.stats: interleaving, medians and paired ratios (no ComfyUI, no torch)."""
+
+import itertools
+
+import pytest
+
+from bench import stats
+
+
+def test_median_of_odd_and_even_counts():
+    """The middle value, or the mean of the middle two."""
+    assert stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert stats.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+def test_median_of_nothing_is_an_error():
+    with pytest.raises(ValueError):
+        stats.median([])
+
+
+def test_rotated_orders_put_every_variant_in_every_position():
+    """Over len(names) rounds each variant runs first, second, ... exactly once."""
+    orders = stats.rotated_orders(["a", "b", "c"], 3)
+    assert orders == [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
+    for position in range(3):
+        assert sorted(order[position] for order in orders) == ["a", "b", "c"]
+
+
+def test_run_interleaved_alternates_variants_and_skips_warmup():
+    """Warm-up calls run but are not timed; timed calls alternate between the variants."""
+    calls = []
+    ticks = itertools.count()
+    samples = stats.run_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        rounds=2, warmup=1, clock=lambda: float(next(ticks)),
+    )
+    assert calls == ["a", "b", "a", "b", "b", "a"]
+    assert samples == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+
+
+def test_run_interleaved_reports_each_round():
+    seen = []
+    stats.run_interleaved({"x": lambda: None}, rounds=3, warmup=0, on_round=lambda r, t: seen.append((r, sorted(t))))
+    assert seen == [(0, ["x"]), (1, ["x"]), (2, ["x"])]
+
+
+def test_run_interleaved_needs_a_timed_round():
+    with pytest.raises(ValueError):
+        stats.run_interleaved({"x": lambda: None}, rounds=0)
+
+
+def test_ratio_is_the_median_of_per_round_ratios():
+    """A slow round that hits both variants cancels out, unlike a ratio of medians."""
+    samples = {"patched": [1.0, 2.2, 10.0], "plain": [1.0, 2.0, 10.0]}
+    assert stats.paired_ratios(samples["patched"], samples["plain"]) == pytest.approx([1.0, 1.1, 1.0])
+    assert stats.ratio(samples, "patched", "plain") == pytest.approx(1.0)
+
+
+def test_paired_ratios_need_paired_samples():
+    with pytest.raises(ValueError):
+        stats.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_summarize_gives_median_min_max_and_count():
+    assert stats.summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+
+
+def test_linear_fit_recovers_a_line():
+    intercept, slope, r2 = stats.linear_fit([0, 1, 2, 4], [1.0, 3.0, 5.0, 9.0])
+    assert (intercept, slope, r2) == pytest.approx((1.0, 2.0, 1.0))
+
+
+def test_linear_fit_of_scattered_points_has_low_r2():
+    _, _, r2 = stats.linear_fit([0, 1, 2, 3], [0.0, 5.0, 0.0, 5.0])
+    assert r2 < 0.5
