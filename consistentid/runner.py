@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,19 @@ def bootstrap_comfyui(comfyui: Path, comfy_argv: list[str], all_custom_nodes: bo
     if not (comfyui / "execution.py").is_file():
         raise WorkflowError(f"{comfyui} is not a ComfyUI folder (no execution.py); pass --comfyui /path/to/ComfyUI")
     _front_of_path(comfyui)
+    with _quiet_startup():
+        _import_comfyui(comfyui, comfy_argv)
+    import nodes
+
+    if not _builtin_extras_loaded(nodes):
+        _init_extra_nodes(nodes, all_custom_nodes)
+    if str(PACKAGE_ROOT) not in nodes.LOADED_MODULE_DIRS.values():
+        if not asyncio.run(nodes.load_custom_node(str(PACKAGE_ROOT))):
+            raise WorkflowError("loading ComfyUI-ConsistentID into ComfyUI failed (run with --verbose for the import error)")
+
+
+def _import_comfyui(comfyui: Path, comfy_argv: list[str]) -> None:
+    """Parse ComfyUI's arguments once (before model_management reads them) and import it."""
     if "comfy.cli_args" not in sys.modules:
         import comfy.options
 
@@ -95,17 +109,33 @@ def bootstrap_comfyui(comfyui: Path, comfy_argv: list[str], all_custom_nodes: bo
         finally:
             sys.argv = saved_argv
         _apply_custom_paths(comfyui)
-    import nodes
+    import execution  # noqa: F401  (imports comfy.model_management, nodes and the samplers)
 
-    if not _builtin_extras_loaded(nodes):
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=all_custom_nodes, init_api_nodes=False))
-    if str(PACKAGE_ROOT) not in nodes.LOADED_MODULE_DIRS.values():
-        if not asyncio.run(nodes.load_custom_node(str(PACKAGE_ROOT))):
-            raise WorkflowError("loading ComfyUI-ConsistentID into ComfyUI failed (run with --verbose for the import error)")
+
+@contextlib.contextmanager
+def _quiet_startup() -> Iterator[None]:
+    """Without --verbose, ComfyUI's start-up warnings (optional dependencies, import tracebacks of
+    optional nodes) are held back; the runner sums up what matters itself."""
+    root = logging.getLogger()
+    level = root.level
+    if level > logging.INFO:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _init_extra_nodes(nodes: Any, all_custom_nodes: bool) -> None:
+    """ComfyUI's built-in extra nodes; optional ones that fail to import are named in one line."""
+    with _quiet_startup():
+        failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=all_custom_nodes, init_api_nodes=False))
+    if failed:
+        logger.warning("optional ComfyUI nodes not available (missing dependencies): %s", ", ".join(failed))
 
 
 def _builtin_extras_loaded(nodes: Any) -> bool:
-    return any(Path(path).parent.name == "comfy_extras" for path in nodes.LOADED_MODULE_DIRS.values())
+    return any(Path(path).name == "comfy_extras" for path in nodes.LOADED_MODULE_DIRS.values())
 
 
 def _apply_custom_paths(comfyui: Path) -> None:
@@ -151,7 +181,7 @@ class _Progress:
         node = str(node_id or self.node)
         if self.bar is None or self.bar_key != (node, total):
             self.close()
-            self.bar = tqdm(total=total, desc=f"  {describe_node(self.workflow, node)}", unit="step", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, desc=f"  {describe_node(self.workflow, node)}", unit="step", file=sys.stderr)
             self.bar_key = (node, total)
         self.bar.update(value - self.bar.n)
 
@@ -213,6 +243,8 @@ def run_workflow(workflow: Mapping[str, dict], out_dir: Path, progress: bool = T
     folder_paths.set_temp_directory(str(temp_dir))
     bars = _Progress(workflow, progress)
     comfy.utils.set_progress_bar_global_hook(bars.hook)
+    samplers_bar = comfy.utils.PROGRESS_BAR_ENABLED
+    comfy.utils.set_progress_bar_enabled(False)  # the samplers' own tqdm bars; ours replaces them
     server = _Server(bars.event)
     try:
         executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
@@ -225,6 +257,7 @@ def run_workflow(workflow: Mapping[str, dict], out_dir: Path, progress: bool = T
     finally:
         bars.close()
         comfy.utils.set_progress_bar_global_hook(None)
+        comfy.utils.set_progress_bar_enabled(samplers_bar)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
