@@ -74,7 +74,8 @@ def clip_vision_hidden_states(clip_vision) -> Callable[[torch.Tensor], torch.Ten
         outputs = []
         for start in range(0, pixel_values.shape[0], CLIP_BATCH):
             chunk = pixel_values[start:start + CLIP_BATCH].to(clip_vision.load_device).float()
-            hidden = clip_vision.model(pixel_values=chunk, intermediate_output=-2)[1]
+            with torch.no_grad():
+                hidden = clip_vision.model(pixel_values=chunk, intermediate_output=-2)[1]
             outputs.append(hidden.to(comfy.model_management.intermediate_device()).float())
             comfy.model_management.throw_exception_if_processing_interrupted()
         return torch.cat(outputs)

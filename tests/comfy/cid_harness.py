@@ -49,6 +49,11 @@ def import_comfyui(root: Path, base_directory: Path) -> SimpleNamespace:
     if Path(folder_paths.base_path) != base_directory:
         raise RuntimeError(f"ComfyUI was imported before the tests set --base-directory ({folder_paths.base_path})")
     import comfy.model_management
+
+    try:  # as main.py does early: later some ComfyUI module shadows the `utils` package with comfy/utils.py
+        import utils.install_util  # noqa: F401
+    except ImportError:
+        pass
     import execution
     import nodes
 
