@@ -37,13 +37,11 @@ def _tokenizer():
                                    pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory) -> Path:
+def build_tiny_vlm(folder: Path) -> Path:
     """A random LLaVA (CLIP 28 px tower + 2-layer Llama) saved as a real transformers model folder."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    folder = tmp_path_factory.mktemp("LLM") / "tiny-llava"
     tokenizer = _tokenizer()
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
@@ -58,10 +56,16 @@ def tiny_vlm(tmp_path_factory) -> Path:
                                 bos_token_id=1, eos_token_id=2, pad_token_id=3),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
     )
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlavaForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    return build_tiny_vlm(tmp_path_factory.mktemp("LLM") / "tiny-llava")
 
 
 @pytest.fixture(scope="module")
