@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.report import Section, format_report, machine_info, to_json, write_json
 
 BENCHMARKS = ("step", "face", "memory", "scaling")
-DEFAULT_JSON = "bench-results.json"
+DEFAULT_JSON = str(Path(__file__).resolve().parent / "results" / "latest.json")
 
 # glibc keeps freed memory instead of returning it to the OS (and faulting it in again) on every
 # large allocation; without this, step times on CPU swing by page faults (design.md §8).

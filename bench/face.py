@@ -122,94 +122,157 @@ def encode_face_prompt(comfy, inputs: dict[str, tuple[str, Any]]) -> dict:
     return prompt
 
 
-def run(comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> list[Section]:
-    from bench.comfy_env import Executor
+class CachedUncond:
+    """A ``ClipHiddenStates`` wrapper that encodes the zero (uncond) image once per CLIP model.
 
-    started = time.perf_counter()
-    clip_vision = build_clip_vision(sizes.clip_vision, comfy.base_directory / "bench_models")
-    parser = build_face_parser()
-    analyzer = build_face_analyzer(comfy.base_directory / "insightface")
-    adapter = build_adapter(sizes.adapter)
-    counter = ClipCounter(clip_vision)
-    photo = reference_photo()
-    image = as_comfy_image(photo)
-    progress(f"  built CLIP vision, BiSeNet, InsightFace (tiny pack) and the adapter in {time.perf_counter() - started:.0f} s")
+    ``consistentid_core.reference`` appends the zero image as the last CLIP input of every encode;
+    this serves that row from a cache instead. Not in the package (yet): it measures what the
+    proposed per-CLIP-model uncond cache would save.
+    """
 
-    # 1. ComfyUI's output cache: the same graph twice.
-    executor = Executor(comfy)
-    prompt = encode_face_prompt(comfy, {
-        "image": ("IMAGE", image), "face_analysis": ("FACE_ANALYSIS", analyzer), "face_parser": ("FACE_PARSER", parser),
-        "clip_vision": ("CLIP_VISION", clip_vision), "consistentid": ("CONSISTENTID", adapter),
-    })
-    runs = []
-    for attempt in range(2):
-        events, work, wall = counter.measure(lambda: executor.run(prompt, ["sink"]))
-        runs.append({"wall_s": wall, "clip_calls": work.calls, "clip_images": work.images,
-                     "encode_executed": "encode" in events["executed"], "cached_nodes": events["cached"]})
-        progress(f"  graph run {attempt + 1}: {wall:.2f} s, CLIP calls {work.calls}, Encode Face "
-                 f"{'executed' if runs[-1]['encode_executed'] else 'served from cache'}")
+    def __init__(self, hidden_states: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.hidden_states = hidden_states
+        self.uncond: torch.Tensor | None = None
 
-    # 2. Ours (the node's execute) vs the original's call structure, interleaved.
-    encode = comfy.our("face_node").EncodeFace.execute
-    work: dict[str, list[ClipCount]] = {"ours": [], "original": []}
-    results: dict[str, Any] = {}
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        zero_last = not bool(pixels[-1].any())
+        if zero_last and self.uncond is not None:
+            return torch.cat([self.hidden_states(pixels[:-1]), self.uncond[None]])
+        out = self.hidden_states(pixels)
+        if zero_last:
+            self.uncond = out[-1].clone()
+        return out
 
-    def clip(pixels: torch.Tensor) -> torch.Tensor:
-        comfy.mm.load_model_gpu(clip_vision.patcher)
-        with torch.inference_mode():
+
+@dataclass
+class FaceRig:
+    comfy: Any
+    clip_vision: Any
+    parser: Any
+    analyzer: Any
+    adapter: Any
+    counter: ClipCounter
+    photo: np.ndarray
+    image: torch.Tensor
+
+    @classmethod
+    def build(cls, comfy, sizes: Sizes) -> "FaceRig":
+        clip_vision = build_clip_vision(sizes.clip_vision, comfy.base_directory / "bench_models")
+        photo = reference_photo()
+        return cls(comfy, clip_vision, build_face_parser(), build_face_analyzer(comfy.base_directory / "insightface"),
+                   build_adapter(sizes.adapter), ClipCounter(clip_vision), photo, as_comfy_image(photo))
+
+    def graph_runs(self, progress: Callable[[str], None]) -> list[dict]:
+        """The Encode Face graph twice through ComfyUI's executor: the second is served from its cache."""
+        from bench.comfy_env import Executor
+
+        executor = Executor(self.comfy)
+        prompt = encode_face_prompt(self.comfy, {
+            "image": ("IMAGE", self.image), "face_analysis": ("FACE_ANALYSIS", self.analyzer),
+            "face_parser": ("FACE_PARSER", self.parser), "clip_vision": ("CLIP_VISION", self.clip_vision),
+            "consistentid": ("CONSISTENTID", self.adapter),
+        })
+        runs = []
+        for attempt in range(2):
+            events, work, wall = self.counter.measure(lambda: executor.run(prompt, ["sink"]))
+            runs.append({"wall_s": wall, "clip_calls": work.calls, "clip_images": work.images,
+                         "encode_executed": "encode" in events["executed"], "cached_nodes": events["cached"]})
+            progress(f"  graph run {attempt + 1}: {wall:.2f} s, CLIP calls {work.calls}, Encode Face "
+                     f"{'executed' if runs[-1]['encode_executed'] else 'served from cache'}")
+        return runs
+
+    def variants(self) -> dict[str, Callable[[], Any]]:
+        """ours (the node), ours with the proposed uncond cache, and the original's call structure."""
+        from consistentid_core.face import uncond_pixel_values
+        from consistentid_core.reference import extract_face_features, face_id_tokens
+
+        comfy, clip_vision = self.comfy, self.clip_vision
+        encode = comfy.our("face_node").EncodeFace.execute
+        cached = CachedUncond(comfy.our("runtime").clip_vision_hidden_states(clip_vision))
+        cached(uncond_pixel_values(1))  # the cache is filled once per CLIP model
+
+        def clip(pixels: torch.Tensor) -> torch.Tensor:  # the original's image_encoder(...).hidden_states[-2]
+            comfy.mm.load_model_gpu(clip_vision.patcher)
             return clip_vision.model(pixel_values=pixels.float(), intermediate_output=-2)[1].float()
+
+        def ours_cached() -> Any:
+            features = extract_face_features(self.image, self.analyzer, self.parser, cached)
+            return features, face_id_tokens(self.adapter, features)
+
+        return {
+            "ours": lambda: encode(image=self.image, face_analysis=self.analyzer, face_parser=self.parser,
+                                   clip_vision=clip_vision, consistentid=self.adapter),
+            "ours_cached": ours_cached,
+            "original": lambda: original_face_features(self.photo, self.analyzer.app, self.parser, clip, self.adapter),
+        }
+
+
+LABELS = {
+    "original": "original-style (4 CLIP calls, fresh zero images)",
+    "ours": "ours: Encode Face node (1 batched CLIP call)",
+    "ours_cached": "ours + uncond cache per CLIP model (proposed)",
+}
+
+
+def run(comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> list[Section]:
+    started = time.perf_counter()
+    rig = FaceRig.build(comfy, sizes)
+    progress(f"  built CLIP vision, BiSeNet, InsightFace (tiny pack) and the adapter in {time.perf_counter() - started:.0f} s")
+    runs = rig.graph_runs(progress)
+
+    work: dict[str, list[ClipCount]] = {}
+    results: dict[str, Any] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
         def call() -> None:
-            results[name], count, _ = counter.measure(fn)
-            work[name].append(count)
+            results[name], count, _ = rig.counter.measure(fn)
+            work.setdefault(name, []).append(count)
         return call
 
     with torch.inference_mode():
-        variants = {
-            "ours": timed("ours", lambda: encode(image=image, face_analysis=analyzer, face_parser=parser,
-                                                 clip_vision=clip_vision, consistentid=adapter)),
-            "original": timed("original", lambda: original_face_features(photo, analyzer.app, parser, clip, adapter)),
-        }
-        progress(f"  ours vs original-style: {sizes.face_rounds} rounds (the graph run above was the warm-up)")
+        variants = {name: timed(name, fn) for name, fn in rig.variants().items()}
+        progress(f"  {', '.join(variants)}: {sizes.face_rounds} rounds (the graph run above was the warm-up)")
         samples = stats.run_interleaved(
             variants, sizes.face_rounds, warmup=0,
             on_round=lambda r, t: progress(f"    round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())),
         )
-    ratio = stats.ratio(samples, "ours", "original")
-    # An explicit uncond cache shows as fewer CLIP images than the first (cold) encode of this CLIP model.
-    uncond_cached = work["ours"][-1].images < runs[0]["clip_images"]
+    return [face_section(samples, work, runs, len(results["original"]["regions"]))]
+
+
+def face_section(samples: dict[str, list[float]], work: dict[str, list[ClipCount]], runs: list[dict], regions: int) -> Section:
+    original = stats.median(samples["original"])
     rows = []
-    for name, label in (("original", "original-style (4 CLIP calls, fresh zero images)"), ("ours", "ours: Encode Face node")):
+    for name in ("original", "ours", "ours_cached"):
         last = work[name][-1]
         clip_s = stats.median([c.seconds for c in work[name]])
         total = stats.median(samples[name])
-        rows.append([label, len(samples[name]), total, last.calls, last.images, clip_s, total - clip_s,
-                     1.0 if name == "original" else ratio])
-    repeat = runs[1]
+        rows.append([LABELS[name], len(samples[name]), total, last.calls, last.images, clip_s, total - clip_s,
+                     stats.ratio(samples, name, "original")])
+    first, repeat = runs
     rows.append(["ours, same image again (ComfyUI output cache)", 1, repeat["wall_s"], repeat["clip_calls"],
-                 repeat["clip_images"], 0.0, repeat["wall_s"], repeat["wall_s"] / stats.median(samples["original"])])
-    first = runs[0]
-    regions = len(results["original"]["regions"])
+                 repeat["clip_images"], 0.0, repeat["wall_s"], repeat["wall_s"] / original])
+    # An explicit uncond cache in the package shows as fewer CLIP images than its first (cold) encode.
+    uncond_cached = work["ours"][-1].images < first["clip_images"]
+    per_image = stats.median([c.seconds / c.images for c in work["original"]])
     targets = [
-        Target("face encode: ours/original", ratio, 0.5),
+        Target("face encode: ours/original", stats.ratio(samples, "ours", "original"), 0.5),
         Target("face encode: repeat / first graph run", repeat["wall_s"] / first["wall_s"], 0.01),
     ]
     notes = [
         f"Reference: skimage astronaut (512x512); the random BiSeNet finds {regions} facial regions "
-        f"(the original encodes 5 slots + 5 zero images regardless).",
+        "(the original encodes 5 slots + 5 zero images regardless).",
         "InsightFace runs its own code on the tiny test pack (real buffalo_l absent); with real weights both "
         "paths add the same detector + ArcFace time (one image each).",
-        f"CLIP-ViT-H per image: {stats.median([c.seconds / c.images for c in work['original']]):.2f} s on this "
-        f"machine; 'other s' = parsing, regions, crops, InsightFace, ID projection.",
-        f"Graph run 1 (cold, through ComfyUI's executor): {first['wall_s']:.2f} s, {first['clip_images']} CLIP images; "
-        f"run 2 with unchanged inputs: Encode Face {'re-executed' if repeat['encode_executed'] else 'not executed (output cache)'}, "
+        f"CLIP-ViT-H: {per_image:.2f} s per image on this machine; 'other s' = parsing, regions, crops, InsightFace, "
+        "ID projection.",
+        f"Graph run 1 (cold, ComfyUI's executor): {first['wall_s']:.2f} s, {first['clip_images']} CLIP images; run 2 "
+        f"with unchanged inputs: Encode Face {'re-executed' if repeat['encode_executed'] else 'not executed (output cache)'}, "
         f"{repeat['wall_s'] * 1e3:.1f} ms.",
-        "Explicit cache of the uncond (zero-image) CLIP features per CLIP model: "
-        + ("present (later encodes send one image fewer through CLIP)." if uncond_cached else
-           f"not present: every encode sends the zero image through CLIP again (1 of {work['ours'][-1].images} images)."),
+        "Uncond (zero-image) CLIP features cached per CLIP model in the package: "
+        + ("yes." if uncond_cached else f"no, every encode sends the zero image through CLIP again "
+           f"(1 of {work['ours'][-1].images} images); the 'proposed' row serves it from a cache."),
     ]
-    return [Section(
+    return Section(
         name="face",
         title="Face encoding (one reference photo → CONSISTENTID_FACE, CLIP-ViT-H on CPU)",
         columns=["path", "N", "s/encode", "CLIP calls", "CLIP images", "CLIP s", "other s", "vs original"],
@@ -218,4 +281,4 @@ def run(comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> list[Se
         notes=notes,
         data={"samples": samples, "graph_runs": runs, "uncond_cached": uncond_cached,
               "clip_work": {k: [vars(c) for c in v] for k, v in work.items()}},
-    )]
+    )
