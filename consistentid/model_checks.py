@@ -16,7 +16,7 @@ from pathlib import Path
 from .comfy_paths import ComfyLayout
 from .insightface_checks import check_insightface
 from .model_files import (
-    ADAPTER_SOURCE, CLIP_VISION_SOURCE, MODEL_EXTENSIONS, PARSER_SOURCE, PARTIAL_SUFFIXES, RELEASE_CLIP_WIDTH,
+    ADAPTER_SOURCE, BASE_NAMES, CLIP_VISION_SOURCE, MODEL_EXTENSIONS, PARSER_SOURCE, PARTIAL_SUFFIXES, RELEASE_CLIP_WIDTH,
     Identified, sniff_file,
 )
 from .report import Finding, Level
@@ -166,19 +166,62 @@ def check_clip_vision(layout: ComfyLayout, widths: set[int]) -> list[Finding]:
         found_text = f" (found: {'; '.join(others)})" if others else ""
         findings.append(Finding(Level.FAIL, f"no CLIP vision model of width {'/'.join(map(str, sorted(widths)))} in "
                                 f"models/{CLIP_VISION_FOLDER}/{found_text}: ConsistentID needs CLIP ViT-H/14",
-                                [f"download {CLIP_VISION_SOURCE}"], "clip.missing"))
+                                [f"download it from {CLIP_VISION_SOURCE}"], "clip.missing"))
     return findings
 
 
-def check_base_models(layout: ComfyLayout) -> list[Finding]:
-    count = sum(
-        1 for name in BASE_MODEL_FOLDERS for folder in layout.folders(name) for path in walk_files(folder)
-        if path.suffix.lower() in MODEL_EXTENSIONS
-    )
-    if count:
-        return [Finding(Level.OK, f"{count} base model file(s) in models/checkpoints or models/diffusion_models", code="base.ok")]
-    return [Finding(Level.FAIL, "no base model in models/checkpoints (or models/diffusion_models)",
-                    ["put an SD1.5 checkpoint (or SDXL, for the SDXL adapter) into models/checkpoints"], "base.missing")]
+def _checkpoint_bases(layout: ComfyLayout) -> tuple[int, dict[str, int]]:
+    """How many base model files there are, and how many full checkpoints of each base."""
+    count, bases = 0, {}
+    for name in BASE_MODEL_FOLDERS:
+        for folder in layout.folders(name):
+            for path in walk_files(folder):
+                if path.suffix.lower() not in MODEL_EXTENSIONS or path.stat().st_size == 0:
+                    continue
+                count += 1
+                try:
+                    base = sniff_file(path).base_model if name == "checkpoints" else None
+                except SniffError:
+                    base = None
+                if base:
+                    bases[base] = bases.get(base, 0) + 1
+    return count, bases
+
+
+def check_base_models(layout: ComfyLayout, adapter_bases: set[str]) -> list[Finding]:
+    """Base models exist, and each adapter kind has a checkpoint of its base (SD1.5 ↔ SDXL pairing)."""
+    count, bases = _checkpoint_bases(layout)
+    if not count:
+        return [Finding(Level.FAIL, "no base model in models/checkpoints (or models/diffusion_models)",
+                        ["put an SD1.5 checkpoint (or SDXL, for the SDXL adapter) into models/checkpoints"], "base.missing")]
+    kinds = ", ".join(f"{n} {BASE_NAMES[b]}" for b, n in sorted(bases.items()))
+    findings = [Finding(Level.OK, f"{count} base model file(s)" + (f" ({kinds} checkpoints)" if kinds else ""), code="base.ok")]
+    for base in sorted(adapter_bases):
+        if bases and base not in bases:
+            findings.append(Finding(
+                Level.WARN, f"a ConsistentID {BASE_NAMES[base]} adapter is installed but no {BASE_NAMES[base]} checkpoint: "
+                f"it only works with {BASE_NAMES[base]} models (found {kinds})",
+                [f"add an {BASE_NAMES[base]} checkpoint, or use the adapter of your checkpoints' base"], "base.pairing"))
+    return findings
+
+
+def check_vlms(layout: ComfyLayout) -> list[Finding]:
+    """Optional Describe Face models: each folder in models/LLM complete, or what is missing."""
+    from consistentid_core.caption import VLM_FOLDER, vlm_folder_problem
+
+    findings = []
+    for root in layout.folders(VLM_FOLDER):
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+            problem = vlm_folder_problem(folder)
+            if problem:
+                findings.append(Finding(Level.WARN, f"{_rel(layout, folder)}: {problem}",
+                                        ["fix the folder, or choose 'template' in ConsistentID Describe Face"], "vlm.problem"))
+            else:
+                findings.append(Finding(Level.OK, f"{_rel(layout, folder)}: model folder complete (not loaded)", code="vlm.ok"))
+    if not findings:
+        findings.append(Finding(Level.INFO, f"none in models/{VLM_FOLDER}/ (optional: Describe Face then uses the template caption)",
+                                code="vlm.none"))
+    return findings
 
 
 def find_misplaced(layout: ComfyLayout) -> tuple[list[Path], list[Path]]:
@@ -209,7 +252,8 @@ def check_models(layout: ComfyLayout) -> dict[str, list[Finding]]:
         "Face parser (models/face_parsing)": check_wanted(layout, PARSER, misplaced_parsers)[0],
         "InsightFace (models/insightface/models/<pack>)": check_insightface(layout),
         "CLIP vision (models/clip_vision)": check_clip_vision(layout, {a.width for a in adapters if a.width}),
-        "Base model": check_base_models(layout),
+        "Base model": check_base_models(layout, {a.base_model for a in adapters if a.base_model}),
+        "Describe Face models (models/LLM, optional)": check_vlms(layout),
     }
     notes = [Finding(Level.INFO, f"extra model paths read from {path}", code="yaml.read") for path in layout.yaml_files]
     notes += [Finding(Level.WARN, error, code="yaml.error") for error in layout.yaml_errors]

@@ -15,7 +15,7 @@ from .sniff import SniffError, TensorInfo, flatten, read_tensor_infos
 
 __all__ = [
     "ADAPTER_SOURCE", "PARSER_SOURCE", "CLIP_VISION_SOURCE", "MODEL_EXTENSIONS", "PARTIAL_SUFFIXES",
-    "Identified", "identify", "sniff_file",
+    "Identified", "checkpoint_base", "identify", "sniff_file",
 ]
 
 #: folder_paths.supported_pt_extensions: the extensions ComfyUI lists in model folders.
@@ -26,14 +26,14 @@ PARTIAL_SUFFIXES = (".part", ".crdownload", ".download", ".partial", ".tmp", ".a
 ADAPTER_SOURCE = "https://huggingface.co/JackAILab/ConsistentID (ConsistentID-v1.bin for SD1.5, ConsistentID_SDXL-v1.bin for SDXL)"
 PARSER_SOURCE = "https://huggingface.co/JackAILab/ConsistentID (face_parsing.pth; the same weights as face-parsing.PyTorch's 79999_iter.pth)"
 CLIP_VISION_SOURCE = (
-    "CLIP-ViT-H-14-laion2B-s32B-b79K: https://huggingface.co/h94/IP-Adapter models/image_encoder/model.safetensors "
-    "(saved as clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)"
+    "https://huggingface.co/h94/IP-Adapter (models/image_encoder/model.safetensors = CLIP-ViT-H-14-laion2B-s32B-b79K; "
+    "save it as models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)"
 )
 
 # Released adapters: parameter counts (reference-semantics.md §1-2) and processor counts.
 RELEASE_PARAMS = {"sd15": 184_033_024, "sdxl": 868_832_256}
 PROCESSORS = {32: "sd15", 140: "sdxl"}
-BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd2": "SD2"}
 RELEASE_CLIP_WIDTH = 1280  # CLIP-ViT-H-14 hidden size, the vision tower ConsistentID was trained with
 # BiSeNet(num_class=19): 191 state-dict entries (reference-semantics.md §3).
 BISENET_ENTRIES = 191
@@ -83,8 +83,20 @@ def identify(tensors: dict[str, TensorInfo]) -> Identified:
     if clip:
         return clip
     if any(name.startswith(("model.diffusion_model.", "diffusion_model.", "state_dict.")) for name in tensors):
-        return Identified("foreign", "a Stable Diffusion checkpoint", belongs_in="checkpoints")
+        base = checkpoint_base(tensors)
+        what = f"an {BASE_NAMES[base]} checkpoint" if base in BASE_NAMES else "a Stable Diffusion checkpoint"
+        return Identified("foreign", what, base_model=base, belongs_in="checkpoints")
     return Identified("unknown", f"an unknown model ({len(tensors)} tensors, e.g. {sorted(tensors)[0]})")
+
+
+def checkpoint_base(tensors: dict[str, TensorInfo]) -> str | None:
+    """sd15 / sdxl / sd2 from a full checkpoint's text-encoder keys (ComfyUI's own detection
+    looks at the same prefixes); None when the file has no text encoder to tell by."""
+    for prefix, base in (("conditioner.embedders.1.", "sdxl"), ("cond_stage_model.transformer.", "sd15"),
+                         ("cond_stage_model.model.", "sd2")):
+        if any(name.startswith(prefix) for name in tensors):
+            return base
+    return None
 
 
 def _dtype(tensors: dict[str, TensorInfo]) -> str:

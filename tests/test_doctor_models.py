@@ -295,3 +295,24 @@ def test_cli_without_comfyui_path(tmp_path):
     result = _cli("--skip-environment")
     assert result.returncode == 1
     assert "pass --comfyui" in result.stdout
+
+
+def test_adapter_without_checkpoint_of_its_base_warns(comfy, tmp_path):
+    """An SDXL adapter next to only SD1.5 checkpoints: a pairing warning naming what was found."""
+    make_tiny_adapter("sdxl").save(comfy / "models" / "consistentid" / "ConsistentID_SDXL-v1.bin")
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(1), "cond_stage_model.transformer.text_model.x": torch.zeros(1)},
+              str(comfy / "models" / "checkpoints" / "v1-5.safetensors"))
+    report = _doctor(comfy)
+    finding = _finding(report, "base.pairing")
+    assert finding.level == Level.WARN and "SDXL adapter is installed but no SDXL checkpoint" in finding.message
+    assert "found 1 SD1.5" in finding.message and report.exit_code == 0
+
+
+def test_incomplete_vlm_folder_only_warns(comfy):
+    """A Describe Face model folder without weights is a warning (the model is optional), named with its folder."""
+    folder = comfy / "models" / "LLM" / "llava-1.5-7b-hf"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    report = _doctor(comfy)
+    assert "models/LLM/llava-1.5-7b-hf" in _finding(report, "vlm.problem").message
+    assert report.exit_code == 0
