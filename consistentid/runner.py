@@ -1,9 +1,7 @@
 """``python -m consistentid run``: an API-format workflow through ComfyUI's executor, no web server.
 
-ComfyUI is imported from its checkout (``--comfyui``) the way its ``main.py`` does it: arguments
-parsed before ``comfy.model_management`` is imported, ``extra_model_paths.yaml`` applied, the
-built-in extra nodes initialised, then this package loaded with ``nodes.load_custom_node`` (or all
-custom nodes with ``--custom-nodes``). Progress comes from ComfyUI's global progress-bar hook;
+ComfyUI is imported from its checkout (``--comfyui``) by :mod:`consistentid.comfy_boot`. Progress
+comes from ComfyUI's global progress-bar hook;
 images (SaveImage and PreviewImage) are written to ``--out``. A failing node is reported as one
 message (node id, class, exception), not a traceback; the exit code is then 1.
 """
@@ -12,17 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .comfy_paths import PACKAGE_ROOT, default_comfyui_path
+from .comfy_boot import bootstrap_comfyui
+from .comfy_paths import default_comfyui_path
 from .workflow import (
     WorkflowError, apply_overrides, describe_node, format_execution_error, format_validation_errors, load_workflow,
     parse_override,
@@ -63,96 +61,6 @@ def _comfy_argv(args: argparse.Namespace) -> list[str]:
     for config in args.extra_model_paths_config:
         argv += ["--extra-model-paths-config", str(config)]
     return argv + list(args.comfy_arg)
-
-
-def _front_of_path(comfyui: Path) -> None:
-    """ComfyUI's root first; our repository root last (its ``nodes/`` would shadow ``nodes.py``)."""
-    ours = PACKAGE_ROOT.resolve()
-
-    def is_ours(entry: str) -> bool:
-        return Path(entry or ".").resolve() == ours
-
-    sys.path[:] = [str(comfyui)] + [p for p in sys.path if not is_ours(p) and Path(p or ".").resolve() != comfyui.resolve()]
-    sys.path.append(str(ours))
-    loaded = sys.modules.get("nodes")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent.parent == ours:
-        raise RuntimeError("our nodes/ package was imported as the top-level 'nodes'; run from another folder")
-
-
-def bootstrap_comfyui(comfyui: Path, comfy_argv: list[str], all_custom_nodes: bool = False) -> None:
-    """Import ComfyUI headless and load the nodes (idempotent within one process)."""
-    comfyui = comfyui.expanduser().resolve()
-    if not (comfyui / "execution.py").is_file():
-        raise WorkflowError(f"{comfyui} is not a ComfyUI folder (no execution.py); pass --comfyui /path/to/ComfyUI")
-    _front_of_path(comfyui)
-    with _quiet_startup():
-        _import_comfyui(comfyui, comfy_argv)
-    import nodes
-
-    if not _builtin_extras_loaded(nodes):
-        _init_extra_nodes(nodes, all_custom_nodes)
-    if str(PACKAGE_ROOT) not in nodes.LOADED_MODULE_DIRS.values():
-        if not asyncio.run(nodes.load_custom_node(str(PACKAGE_ROOT))):
-            raise WorkflowError("loading ComfyUI-ConsistentID into ComfyUI failed (run with --verbose for the import error)")
-
-
-def _import_comfyui(comfyui: Path, comfy_argv: list[str]) -> None:
-    """Parse ComfyUI's arguments once (before model_management reads them) and import it."""
-    if "comfy.cli_args" not in sys.modules:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        saved_argv = sys.argv
-        sys.argv = [str(comfyui / "main.py"), *comfy_argv]
-        try:
-            import comfy.cli_args  # noqa: F401  (parses sys.argv once, before model_management reads it)
-        finally:
-            sys.argv = saved_argv
-        _apply_custom_paths(comfyui)
-    import execution  # noqa: F401  (imports comfy.model_management, nodes and the samplers)
-
-
-@contextlib.contextmanager
-def _quiet_startup() -> Iterator[None]:
-    """Without --verbose, ComfyUI's start-up warnings (optional dependencies, import tracebacks of
-    optional nodes) are held back; the runner sums up what matters itself."""
-    root = logging.getLogger()
-    level = root.level
-    if level > logging.INFO:
-        root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def _init_extra_nodes(nodes: Any, all_custom_nodes: bool) -> None:
-    """ComfyUI's built-in extra nodes; optional ones that fail to import are named in one line."""
-    with _quiet_startup():
-        failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=all_custom_nodes, init_api_nodes=False))
-    if failed:
-        logger.warning("optional ComfyUI nodes not available (missing dependencies): %s", ", ".join(failed))
-
-
-def _builtin_extras_loaded(nodes: Any) -> bool:
-    return any(Path(path).name == "comfy_extras" for path in nodes.LOADED_MODULE_DIRS.values())
-
-
-def _apply_custom_paths(comfyui: Path) -> None:
-    """What ComfyUI's main.py does at import: extra_model_paths.yaml files and directory options."""
-    import folder_paths
-    import utils.extra_config
-    from comfy.cli_args import args
-
-    configs = [comfyui / "extra_model_paths.yaml"] if (comfyui / "extra_model_paths.yaml").is_file() else []
-    for group in args.extra_model_paths_config or []:
-        configs += [Path(p) for p in group]
-    for config in configs:
-        utils.extra_config.load_extra_path_config(str(config))
-    if args.output_directory:
-        folder_paths.set_output_directory(str(Path(args.output_directory).resolve()))
-    if args.input_directory:
-        folder_paths.set_input_directory(str(Path(args.input_directory).resolve()))
 
 
 class _Progress:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consistentid import runner
+from consistentid import comfy_boot, runner
 from consistentid.__main__ import build_parser, main
 from consistentid.workflow import (
     WorkflowError, apply_overrides, format_execution_error, format_validation_errors, load_workflow, parse_override,
@@ -144,10 +144,10 @@ def test_run_with_a_folder_that_is_not_comfyui(tmp_path, capsys):
 
 def test_comfyui_goes_first_and_our_root_last_on_sys_path(tmp_path, monkeypatch):
     """Our repository root (its nodes/ would shadow ComfyUI's nodes.py) moves behind ComfyUI's root."""
-    ours = str(runner.PACKAGE_ROOT)
+    ours = str(comfy_boot.PACKAGE_ROOT)
     monkeypatch.setattr(sys, "path", ["", ours, "/site-packages", str(tmp_path)])
-    monkeypatch.chdir(runner.PACKAGE_ROOT)
-    runner._front_of_path(tmp_path)
+    monkeypatch.chdir(comfy_boot.PACKAGE_ROOT)
+    comfy_boot._front_of_path(tmp_path)
     assert sys.path == [str(tmp_path), "/site-packages", ours]
 
 
