@@ -1,0 +1,243 @@
+"""``python -m train.fit --config run.yaml``: train (or fine-tune) a ConsistentID adapter.
+
+One GPU or a laptop: ``python -m train.fit --config run.yaml``. Several GPUs or nodes: the same
+command under ``accelerate launch`` (DDP through Hugging Face accelerate); ``docs/TRAINING.md`` has
+the cluster recipes. Run it again with the same output folder and it resumes from the latest
+checkpoint, bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from consistentid_core import ConsistentIDAdapter, ModelMismatch
+from consistentid_core.data import (
+    DataRoots,
+    FGIDDataset,
+    KeyChoice,
+    ResumableBatchSampler,
+    SampleOptions,
+    check_files,
+    collate,
+    read_fgid,
+)
+
+from .attention_patch import init_id_key_value_from_base
+from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, load_config
+from .hosts import Host, make_host
+from .step import LossConfig, TrainingModule, step_generator
+from .tracking import MetricsLogger
+
+logger = logging.getLogger("train.fit")
+
+FINAL_ADAPTER = "consistentid_adapter.safetensors"
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def data_roots(config: Config) -> DataRoots:
+    base = Path(config.data.json).parent
+    images = Path(config.data.image_root) if config.data.image_root else base
+    return DataRoots.of(images, config.data.parsing_root, config.data.id_embedding_root)
+
+
+def load_records(config: Config) -> tuple[list, DataRoots]:
+    """Valid rows of the training JSON; rejected rows are logged with their reasons."""
+    index = read_fgid(config.data.json, KeyChoice(config.data.image_key, config.data.face_caption_key))
+    roots = data_roots(config)
+    records = index.records
+    if config.data.missing_id_embedding == "skip":
+        without = [r for r in records if r.id_embedding is None]
+        records = [r for r in records if r.id_embedding is not None]
+        if without:
+            logger.info("%d rows without an ID embedding skipped (data.missing_id_embedding: skip)", len(without))
+    if config.data.check_files:
+        problems = check_files(records, roots)
+        bad = {p.index for p in problems}
+        records = [r for r in records if r.index not in bad]
+        index.problems.extend(problems)
+    logger.info(index.summary())
+    if not records:
+        raise ConfigError(f"no usable training rows in {config.data.json}")
+    return records, roots
+
+
+def build_adapter(config: Config, host: Host) -> ConsistentIDAdapter:
+    if config.model.init_from:
+        adapter = ConsistentIDAdapter.load(config.model.init_from, dtype=torch.float32)
+        if adapter.base_model != host.base_model:
+            raise ModelMismatch(f"{config.model.init_from} is a {adapter.base_model} adapter, the checkpoint is {host.base_model}")
+        return adapter
+    dims = {**host.adapter_dims, **config.model.adapter_dims}
+    adapter = ConsistentIDAdapter.create(host.base_model, lora_rank=config.model.lora_rank, num_tokens=config.model.num_tokens, **dims)
+    init_id_key_value_from_base(adapter, host.base_weights())
+    return adapter
+
+
+def lr_lambda(config: Config):
+    warmup, total, kind = config.train.warmup_steps, config.train.max_steps, config.train.lr_scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def make_accelerator(config: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    trackers = [] if config.train.log_with == "none" else [config.train.log_with]
+    if "tensorboard" in trackers and not _has_tensorboard():
+        logger.warning("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+        trackers = []
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun/accelerate launch) then use gloo
+        mixed_precision=config.train.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=config.train.output_dir, logging_dir=str(Path(config.train.output_dir) / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.train.ddp_find_unused_parameters)],
+    )
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Train according to ``config``; returns a summary (last metrics, steps, checkpoint)."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    if not accelerator.is_main_process:
+        logging.getLogger("train").setLevel(logging.WARNING)
+    out = Path(config.train.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1), encoding="utf-8")
+    set_seed(config.train.seed)
+    frozen_dtype = PRECISION_DTYPES[config.train.mixed_precision] if accelerator.device.type == "cuda" else torch.float32
+    host = make_host(config.model, accelerator.device, frozen_dtype, config.train.gradient_checkpointing)
+    records, roots = load_records(config)
+    dataset = FGIDDataset(
+        records, roots, host.tokenizer,
+        SampleOptions(size=config.data.resolution, missing_id_embedding="error" if config.data.missing_id_embedding == "error" else "zeros"),
+        drop_prob=config.data.drop_prob, seed=config.train.seed,
+    )
+    adapter = build_adapter(config, host).to(accelerator.device)
+    losses = LossConfig(
+        config.train.facial_weight, config.train.mask_loss_prob, config.train.localization_layers,
+        config.train.localization_attention, config.data.clip_image,
+    )
+    module = TrainingModule(adapter, host, losses)
+    optimizer = torch.optim.AdamW(
+        adapter.parameters(), lr=config.train.learning_rate, betas=tuple(config.train.adam_betas),
+        eps=config.train.adam_epsilon, weight_decay=config.train.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    module, optimizer = accelerator.prepare(module, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = {"step": 0, "skipped_steps": 0, "consecutive_nonfinite": 0}
+    resume_from = find_checkpoint(out, config.train.resume)
+    if resume_from is not None:
+        state.update(load_checkpoint(accelerator, resume_from)["state"])
+        logger.info("resumed from %s at step %d", resume_from, state["step"])
+    accum = config.train.gradient_accumulation_steps
+    sampler = ResumableBatchSampler(
+        len(dataset), config.train.batch_size, accelerator.num_processes, accelerator.process_index,
+        seed=config.train.seed, start_batch=state["step"] * accum,
+    )
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers,
+                        pin_memory=accelerator.device.type == "cuda")
+    metrics = MetricsLogger(accelerator, out, config)
+    batches = iter(loader)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    last: dict[str, float] = {}
+    while state["step"] < config.train.max_steps:
+        step = state["step"]
+        started = time.perf_counter()
+        totals = torch.zeros(3, device=accelerator.device)
+        for micro in range(accum):
+            batch = next(batches)
+            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(module)
+            with sync:
+                result = module(batch, step_generator(config.train.seed, step, accelerator.process_index, micro, accelerator.device))
+                accelerator.backward(result["loss"] / accum)
+            totals += torch.stack([result["loss"].detach().float(), result["noise_loss"].float(), result["facial_loss"].float()]) / accum
+        grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm or float("inf"))
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(totals).all())
+        if accelerator.scaler is not None:  # fp16: the scaler skips inf steps and lowers its scale itself
+            optimizer.step()
+            skipped = optimizer.step_was_skipped or not finite
+        elif finite:
+            optimizer.step()
+            skipped = False
+        else:
+            skipped = True
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state["step"] = step + 1
+        state["skipped_steps"] += int(skipped)
+        state["consecutive_nonfinite"] = state["consecutive_nonfinite"] + 1 if not finite else 0
+        if not finite:
+            logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped", step, totals.tolist(), float(grad_norm))
+            if state["consecutive_nonfinite"] > config.train.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{state['consecutive_nonfinite']} consecutive steps with NaN/inf; stopping. Lower the learning "
+                    "rate, use bf16 instead of fp16, or resume from the last checkpoint."
+                )
+        last = metrics.step(state["step"], totals, float(grad_norm), scheduler.get_last_lr()[0], time.perf_counter() - started, state)
+        if state["step"] % config.train.checkpoint_every == 0 or state["step"] == config.train.max_steps:
+            save_checkpoint(accelerator, out, state["step"], {"state": state, "config": config.to_dict()}, config.train.keep_checkpoints)
+        if config.train.sample_every and state["step"] % config.train.sample_every == 0 and accelerator.is_main_process:
+            metrics.sample(accelerator.unwrap_model(module), records, roots, state["step"])
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(module).adapter.save(out / FINAL_ADAPTER)
+        logger.info("adapter written to %s", out / FINAL_ADAPTER)
+    accelerator.wait_for_everyone()
+    metrics.close()
+    return {"step": state["step"], "skipped_steps": state["skipped_steps"], "last": last, "output_dir": str(out)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.fit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML or JSON training config (see docs/TRAINING.md)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--print-defaults", action="store_true", help="print every config key with its default and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.print_defaults:
+        from .config import describe_defaults
+
+        print(describe_defaults())
+        return
+    if not args.config:
+        parser.error("--config is required")
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as error:
+        parser.error(str(error))
+    summary = run(config)
+    logger.info("done: %s", json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

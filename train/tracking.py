@@ -1,0 +1,98 @@
+"""Metrics (``metrics.jsonl`` always, TensorBoard/W&B through accelerate's trackers) and sample grids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("train.fit")
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_NAMES = ("loss", "noise_loss", "facial_loss")
+
+
+class MetricsLogger:
+    """Averages losses over ``log_every`` steps and over processes; writes them on the main process."""
+
+    def __init__(self, accelerator: Any, output_dir: Path, config: Any) -> None:
+        self.accelerator = accelerator
+        self.output_dir = output_dir
+        self.config = config
+        self.every = config.train.log_every
+        self.window = torch.zeros(len(LOSS_NAMES), device=accelerator.device)
+        self.count = 0
+        self.seconds = 0.0
+        self.started = time.time()
+        if accelerator.is_main_process and accelerator.log_with:
+            accelerator.init_trackers("consistentid", config={k: str(v) for k, v in _flat(config.to_dict()).items()})
+
+    def step(self, step: int, losses: torch.Tensor, grad_norm: float, lr: float, seconds: float, state: dict) -> dict[str, float]:
+        """Collective on log steps (every process must call it every step)."""
+        self.window += losses.detach()
+        self.count += 1
+        self.seconds += seconds
+        if step % self.every and step != self.config.train.max_steps:
+            return {}
+        mean = self.accelerator.reduce(self.window / self.count, reduction="mean")
+        batch = self.config.train.batch_size * self.config.train.gradient_accumulation_steps * self.accelerator.num_processes
+        record = {name: float(value) for name, value in zip(LOSS_NAMES, mean.tolist())}
+        record.update(
+            step=step,
+            lr=lr,
+            grad_norm=grad_norm,
+            steps_per_second=self.count / self.seconds if self.seconds else 0.0,
+            samples_per_second=batch * self.count / self.seconds if self.seconds else 0.0,
+            skipped_steps=state["skipped_steps"],
+            elapsed=time.time() - self.started,
+        )
+        self.window.zero_()
+        self.count, self.seconds = 0, 0.0
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+            logger.info(
+                "step %d  loss %.4f (noise %.4f, facial %.4f)  lr %.2e  %.2f steps/s",
+                step, record["loss"], record["noise_loss"], record["facial_loss"], lr, record["steps_per_second"],
+            )
+        return record
+
+    def sample(self, module: Any, records: list, roots: Any, step: int) -> Path:
+        from .sampling import sample_grid
+
+        train = self.config.train
+        chosen = [records[i % len(records)] for i in train.sample_rows]
+        grid = sample_grid(module, chosen, roots, train.sample_prompts, self.config.data.resolution, train.sample_steps, train.sample_guidance, train.seed)
+        folder = self.output_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step-{step:08d}.png"
+        grid.save(path)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+        logger.info("sample grid %s", path)
+        return path
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
