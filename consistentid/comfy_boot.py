@@ -50,7 +50,7 @@ def bootstrap_comfyui(comfyui: Path, comfy_argv: list[str], all_custom_nodes: bo
 
     if not _builtin_extras_loaded(nodes):
         _init_extra_nodes(nodes, all_custom_nodes)
-    if str(PACKAGE_ROOT) not in nodes.LOADED_MODULE_DIRS.values():
+    if not any(Path(path).resolve() == PACKAGE_ROOT for path in nodes.LOADED_MODULE_DIRS.values()):  # symlinked installs
         if not asyncio.run(nodes.load_custom_node(str(PACKAGE_ROOT))):
             raise WorkflowError("loading ComfyUI-ConsistentID into ComfyUI failed (run with --verbose for the import error)")
 

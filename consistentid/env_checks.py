@@ -191,7 +191,7 @@ def diagnose_onnxruntime(state: OrtState, python: str = sys.executable) -> list[
             code = "ort.gpu_broken"
         fix = clean_install if names else [_pip(python, "install onnxruntime-gpu")]
         findings.append(Finding(Level.WARN, f"InsightFace runs on the CPU although torch uses CUDA: {reason}. "
-                                "Face analysis still works, only slower (about 0.1-0.5 s per image)", fix, code))
+                                "Face analysis still works, only slower (it runs once per reference photo; ComfyUI caches the result)", fix, code))
     elif has_cuda_provider and not state.torch_cuda:
         findings.append(Finding(
             Level.WARN,
