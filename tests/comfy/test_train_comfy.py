@@ -1,0 +1,205 @@
+"""The trainer on ComfyUI's own UNet, loaded from single-file checkpoints (tiny SD1.5/SDXL topologies).
+
+Covers what CI cannot: ComfyUI's checkpoint loader, its weight-wrapper LoRA path, the attention patches
+at the adapter's slot keys, equality with the nodes' inference patch, the loss going down, exact resume,
+export, and a 2-process ``accelerate launch`` (CPU, gloo).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+RESOLUTION = 128  # 16×16 latents: the SD1.5 topology downsamples three times
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from train.synthetic import write_synthetic_set
+
+    return write_synthetic_set(tmp_path_factory.mktemp("fgid"), count=8, identities=4, size=RESOLUTION)
+
+
+def _model_config(comfy, base_model="sd15"):
+    from train.config import ModelConfig
+
+    return ModelConfig(
+        kind="comfy", comfyui_path=str(comfy.root), checkpoint=str(comfy.paths[f"{base_model}_checkpoint"]),
+        clip_vision=str(comfy.paths["clip_vision"]),
+        clip_vision_config=str(comfy.models_dir / "clip_vision" / "tiny_clip_vision.json"),
+        setup_hooks=[f"{REPO / 'tests' / 'comfy_train' / 'tiny_setup.py'}:register"],
+        lora_rank=4, adapter_dims={"facial_dim": 64, "facial_depth": 2, "id_depth": 2},
+    )
+
+
+def _overrides(comfy, data, out, base_model="sd15", **train):
+    model = _model_config(comfy, base_model)
+    values = {
+        "model.kind": "comfy", "model.comfyui_path": model.comfyui_path, "model.checkpoint": model.checkpoint,
+        "model.clip_vision": model.clip_vision, "model.clip_vision_config": model.clip_vision_config,
+        "model.setup_hooks": f"[{model.setup_hooks[0]}]", "model.lora_rank": 4,
+        "model.adapter_dims": "{facial_dim: 64, facial_depth: 2, id_depth: 2}",
+        "data.json": data, "data.image_root": data.parent / "resize_IMG", "data.parsing_root": data.parent / "parsing_mask_IMG",
+        "data.id_embedding_root": data.parent / "faceID", "data.resolution": RESOLUTION, "data.num_workers": 0,
+        "train.output_dir": out, "train.batch_size": 2, "train.learning_rate": "1e-3", "train.log_every": 1,
+        "train.checkpoint_every": 2, "train.sample_every": 0, "train.log_with": "none",
+        "train.localization_layers": 5 if base_model == "sd15" else 3,
+        **{f"train.{k}": v for k, v in train.items()},
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+def _module(comfy, base_model="sd15", adapter=None, layers=5):
+    from train.config import load_config
+    from train.fit import build_adapter
+    from train.hosts.comfy import ComfyHost
+    from train.step import LossConfig, TrainingModule
+
+    model = _model_config(comfy, base_model)
+    host = ComfyHost(model, comfy.root, torch.device("cpu"), torch.float32)
+    if adapter is None:
+        config = load_config(None, ["data.json=unused", "model.kind=toy"])
+        config.model = model
+        torch.manual_seed(0)
+        adapter = build_adapter(config, host)
+    return TrainingModule(adapter, host, LossConfig(localization_layers=layers))
+
+
+def _batches(module, data, count=2):
+    from consistentid_core.data import DataRoots, FGIDDataset, SampleOptions, collate, read_fgid
+
+    root = data.parent
+    roots = DataRoots.of(root / "resize_IMG", root / "parsing_mask_IMG", root / "faceID")
+    dataset = FGIDDataset(read_fgid(data).records, roots, module.host.tokenizer, SampleOptions(size=RESOLUTION), drop_prob=0.0)
+    return [collate([dataset[(0, 2 * b)], dataset[(0, 2 * b + 1)]]) for b in range(count)]
+
+
+@pytest.mark.parametrize("base_model, layers, captured", [("sd15", 5, 11), ("sdxl", 3, 36)])
+def test_one_step_on_comfy_unet_reaches_every_lora_and_id_projection(comfy, data, base_model, layers, captured):
+    """LoRA through ComfyUI weight wrappers, ID k/v through the attn2 patches at the slot keys."""
+    from train.step import step_generator
+
+    module = _module(comfy, base_model, layers=layers)
+    calls = []
+    original_end = module.state.end
+    module.state.end = lambda: calls.append(original_end()) or calls[-1]
+    result = module(_batches(module, data, 1)[0], step_generator(0, 0, 0, 0, torch.device("cpu")))
+    result["loss"].backward()
+    adapter = module.adapter
+    for layer in adapter.layers:
+        for target in ("to_q", "to_k", "to_v", "to_out"):
+            assert layer.lora(target).up.weight.grad.abs().sum() > 0
+        if layer.is_cross_attention:
+            assert layer.to_k_ip.weight.grad.abs().sum() > 0
+    assert len(calls[0]) == captured and result["facial_loss"] != 0
+    assert all(p.grad is None for p in module.host.patcher.model.parameters())
+
+
+def test_training_patch_computes_what_the_nodes_inference_patch_computes(comfy):
+    """Same adapter, same tokens: trainable LoRA wrappers + live K/V == merged LoRA + precomputed K/V."""
+    from tests.fixtures.tiny_adapter import make_tiny_adapter
+
+    mm, comfy_sd = importlib.import_module("comfy.model_management"), importlib.import_module("comfy.sd")
+
+    adapter = make_tiny_adapter("sd15", seed=3)
+    module = _module(comfy, adapter=adapter)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=generator)
+    context = torch.randn(1, 77, 64, generator=generator)
+    tokens = torch.randn(1, 4, 64, generator=generator)
+    timestep = torch.tensor([500])
+    with torch.no_grad():
+        module.state.begin(tokens, None)
+        trained = module.host.predict_noise(x, timestep, context, {})
+        module.state.end()
+        base, _, _, _ = comfy_sd.load_checkpoint_guess_config(str(comfy.paths["sd15_checkpoint"]), output_vae=False, output_clip=False)
+        patched = comfy.package.nodes.patch.patch_model(base, adapter, tokens, torch.zeros_like(tokens), weight=1.0, lora_strength=1.0)
+        mm.load_models_gpu([patched])
+        options = {**patched.model_options["transformer_options"], "cond_or_uncond": [0]}
+        inference = patched.model.diffusion_model(x, timesteps=timestep.float(), context=context, transformer_options=options)
+        plain = base.model.diffusion_model(x, timesteps=timestep.float(), context=context, transformer_options={})
+    assert (trained - inference).abs().max() < 1e-4
+    assert (trained - plain).abs().max() > 1e-2  # the comparison is not vacuous
+
+
+def _eval_loss(module, batches):
+    from train.step import step_generator
+
+    with torch.no_grad():
+        losses = [float(module(b, step_generator(99, i, 0, j, torch.device("cpu")))["loss"]) for i in range(2) for j, b in enumerate(batches)]
+    return sum(losses) / len(losses)
+
+
+def test_loss_decreases_over_a_few_dozen_steps_on_comfy_unet(comfy, data):
+    from train.step import step_generator
+
+    module = _module(comfy)
+    batches = _batches(module, data)
+    optimizer = torch.optim.AdamW(module.adapter.parameters(), lr=2e-3)
+    before = _eval_loss(module, batches)
+    for step in range(30):
+        module(batches[step % 2], step_generator(0, step, 0, 0, torch.device("cpu")))["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = _eval_loss(module, batches)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_resume_reproduces_uninterrupted_weights_and_export_loads_back(comfy, data, tmp_path):
+    from consistentid_core import ConsistentIDAdapter
+    from train.checkpointing import find_checkpoint
+    from train.config import load_config
+    from train.export import export
+    from train.fit import run
+
+    run(load_config(None, _overrides(comfy, data, tmp_path / "straight", max_steps=4)))
+    run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=2)))
+    run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=4)))
+    straight = load_file(find_checkpoint(tmp_path / "straight", "auto") / "model.safetensors")
+    resumed = load_file(find_checkpoint(tmp_path / "interrupted", "auto") / "model.safetensors")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0.0
+
+    outputs = [tmp_path / "adapter.bin", tmp_path / "adapter.safetensors"]
+    export(tmp_path / "straight", outputs)
+    for path in outputs:
+        adapter = ConsistentIDAdapter.load(path)
+        assert torch.equal(adapter.state_dict()["facial.fuse_module.layer_norm.weight"], straight["adapter.facial.fuse_module.layer_norm.weight"])
+        base, _, _, _ = importlib.import_module("comfy.sd").load_checkpoint_guess_config(str(comfy.paths["sd15_checkpoint"]), output_vae=False, output_clip=False)
+        comfy.package.nodes.patch.check_model(base, adapter)  # the nodes accept the export for this checkpoint
+
+
+def test_two_process_accelerate_launch_smoke(comfy, data, tmp_path):
+    """``accelerate launch`` with 2 CPU processes (torchrun + gloo): both ranks train, rank 0 checkpoints."""
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+        "-m", "train.fit", "--config", str(REPO / "train" / "configs" / "sd15.yaml"),
+        *[arg for pair in (("--set", o) for o in _overrides(comfy, data, out, max_steps=2)) for arg in pair],
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    from train.tracking import read_metrics
+
+    metrics = read_metrics(out)
+    assert metrics[-1]["step"] == 2 and metrics[-1]["samples_per_second"] == pytest.approx(4 * metrics[-1]["steps_per_second"])
+    assert (out / "consistentid_adapter.safetensors").is_file()
