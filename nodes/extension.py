@@ -6,6 +6,8 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import folders
 from .apply_node import ApplyConsistentID
+from .describe import DescribeFace
+from .face_io import LoadFace, SaveFace
 from .face_node import EncodeFace
 from .loader_nodes import LoadConsistentIDModel, LoadFaceParser, LoadInsightFace
 
@@ -17,4 +19,13 @@ class ConsistentIDExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         # ComfyUI 0.3.64 does not call on_load; the loaders' schemas list these folders.
         folders.register_all()
-        return [LoadConsistentIDModel, LoadInsightFace, LoadFaceParser, EncodeFace, ApplyConsistentID]
+        return [
+            LoadConsistentIDModel,
+            LoadInsightFace,
+            LoadFaceParser,
+            DescribeFace,
+            EncodeFace,
+            SaveFace,
+            LoadFace,
+            ApplyConsistentID,
+        ]

@@ -224,3 +224,55 @@ def test_clip_of_another_base_model_is_refused(comfy, loaded):
 def test_unknown_region_name_is_refused(comfy, loaded):
     with pytest.raises(ValueError, match="unknown facial parts"):
         _api(comfy).encode_conditioning(loaded["clip"], loaded["adapter"], loaded["face"].features, "a", "", parts=["hair"])
+
+
+def test_one_module_identity_for_the_core(comfy):
+    """The package ComfyUI loaded and a script importing the core share the same classes."""
+    import consistentid_core
+    import consistentid_core.reference
+
+    nodes_package = comfy.package.nodes
+    assert nodes_package.patch.ConsistentIDAdapter is consistentid_core.ConsistentIDAdapter
+    assert nodes_package.conditioning.FaceFeatures is consistentid_core.reference.FaceFeatures
+
+
+def test_model_folders_are_registered_with_model_extensions(comfy):
+    folder_paths = comfy.folder_paths
+    (comfy.models_dir / "consistentid" / "readme.txt").write_text("not a model")
+    for name in ("consistentid", "face_parsing"):
+        paths, extensions = folder_paths.folder_names_and_paths[name]
+        assert str(comfy.models_dir / name) in paths
+        assert extensions == set(folder_paths.supported_pt_extensions)
+    folder_paths.filename_list_cache.pop("consistentid", None)
+    assert "readme.txt" not in folder_paths.get_filename_list("consistentid")
+    assert "ConsistentID-v1.bin" in folder_paths.get_filename_list("consistentid")
+    assert str(comfy.models_dir / "insightface") in folder_paths.get_folder_paths("insightface")
+
+
+def test_registration_keeps_paths_from_extra_model_paths(comfy, tmp_path):
+    """A folder extra_model_paths.yaml registered first stays, the default models/<name> is added."""
+    folder_paths, folders = comfy.folder_paths, comfy.package.nodes.folders
+    name = "consistentid_test_folder"
+    folder_paths.add_model_folder_path(name, str(tmp_path))
+    try:
+        paths = folders.register_folder(name, {".bin"})
+        assert paths == [str(tmp_path), str(comfy.models_dir / name)]
+        assert folder_paths.folder_names_and_paths[name][1] == {".bin"}
+    finally:
+        folder_paths.folder_names_and_paths.pop(name, None)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_adapter_runs_the_portrait(comfy, dtype):
+    """The adapter's encoders in fp16/bf16 (CPU here) feed an fp32 UNet: finite result."""
+    prompt = _portrait(**{ADAPTER: {"dtype": dtype}})
+    result = comfy.runner.run(prompt)
+    assert result.success, result.error
+    assert torch.isfinite(_first(result, "21")["samples"]).all()
+    assert str(_first(result, ADAPTER).dtype) == f"torch.{ {'fp16': 'float16', 'bf16': 'bfloat16'}[dtype] }"
+
+
+def test_start_after_end_fails_validation(comfy):
+    _, _, good_outputs, node_errors = comfy.runner.validate(_portrait(**{APPLY: {"start_at": 0.8, "end_at": 0.2}}))
+    assert "23" not in good_outputs  # the image output depends on Apply
+    assert "need 0 <= start_at <= end_at <= 1" in str(node_errors[APPLY])
