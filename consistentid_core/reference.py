@@ -73,8 +73,9 @@ class FaceFeatures:
     ``region_hidden_states`` maps the BiSeNet label chosen for each facial part (face 1, eye 4/5,
     ear 7/8, nose 10, lip 12/13) to its ``(L, E)`` hidden states; ``present_labels`` are its keys.
     ``region_masks``, ``parsing_labels`` and ``parsing_previews`` hold one entry per used image
-    (512×512, the parsing frame); ``used_images`` are their indices in the input, ``skipped_images``
-    those left out for want of a face. An empty ``used_images`` means no face at all (skip policy).
+    (512×512, the parsing frame); ``used_images`` are their indices in the input, ``image_sizes``
+    their (H, W), ``skipped_images`` those left out for want of a face. An empty ``used_images``
+    means no face at all (skip policy).
     """
 
     id_embedding: torch.Tensor
