@@ -19,6 +19,16 @@ from train import prepare
 from train.synthetic import write_synthetic_set
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models: one thread is as fast, and far faster on a busy machine (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Four drawn portraits in two folders, a truncated file and a face-less gray image."""

@@ -34,6 +34,15 @@ def synthetic(tmp_path_factory):
     return json_path, tokenizer_dir
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and far faster on a busy machine (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
@@ -66,18 +75,18 @@ def _eval_loss(module, batches, draws=3):
 
 
 def test_loss_decreases_over_a_few_dozen_steps(synthetic):
-    """Held-out draws of noise and timesteps, same images: the loss after 60 steps is lower."""
+    """Held-out draws of noise and timesteps, same images: the loss after 40 steps is lower."""
     module = _module()
     batches = _batches(synthetic[0])
-    optimizer = torch.optim.AdamW(module.adapter.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(module.adapter.parameters(), lr=3e-3)
     before = _eval_loss(module, batches)
-    for step in range(60):
+    for step in range(40):
         loss = module(batches[step % 2], step_generator(0, step, 0, 0, torch.device("cpu")))["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     after = _eval_loss(module, batches)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.95 * before, (before, after)
 
 
 def test_one_step_sends_gradient_to_every_part_of_the_adapter(synthetic):
@@ -132,21 +141,21 @@ def _config(synthetic, out, **train):
         f"data.parsing_root={json_path.parent / 'parsing_mask_IMG'}", f"data.id_embedding_root={json_path.parent / 'faceID'}",
         f"data.resolution={RESOLUTION}", "data.num_workers=0",
         f"train.output_dir={out}", "train.batch_size=2", "train.learning_rate=1e-3", "train.log_every=1",
-        "train.sample_every=0", "train.log_with=none", "train.checkpoint_every=3", "train.gradient_accumulation_steps=2",
+        "train.sample_every=0", "train.log_with=none", "train.checkpoint_every=2", "train.gradient_accumulation_steps=2",
     ]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(None, overrides)
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_weights_exactly(synthetic, tmp_path):
-    run(_config(synthetic, tmp_path / "straight", max_steps=6))
-    run(_config(synthetic, tmp_path / "interrupted", max_steps=3))
-    run(_config(synthetic, tmp_path / "interrupted", max_steps=6))
+    run(_config(synthetic, tmp_path / "straight", max_steps=4))
+    run(_config(synthetic, tmp_path / "interrupted", max_steps=2))
+    run(_config(synthetic, tmp_path / "interrupted", max_steps=4))
     straight = load_file(find_checkpoint(tmp_path / "straight", "auto") / "model.safetensors")
     resumed = load_file(find_checkpoint(tmp_path / "interrupted", "auto") / "model.safetensors")
-    assert find_checkpoint(tmp_path / "interrupted", "auto").name == "step-00000006"
+    assert find_checkpoint(tmp_path / "interrupted", "auto").name == "step-00000004"
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0.0
-    assert [m["loss"] for m in read_metrics(tmp_path / "straight")][3:] == [m["loss"] for m in read_metrics(tmp_path / "interrupted")][3:]
+    assert [m["loss"] for m in read_metrics(tmp_path / "straight")][2:] == [m["loss"] for m in read_metrics(tmp_path / "interrupted")][2:]
 
 
 def test_non_finite_steps_are_skipped_and_too_many_stop_training(synthetic, tmp_path, monkeypatch):
@@ -156,16 +165,37 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_training(synthetic, tmp_
     def sometimes_nan(self, batch, generator):
         result = original(self, batch, generator)
         calls["n"] += 1
-        if calls["n"] in (3, 4):  # both micro-batches of step 2
+        if calls["n"] == 2:  # step 2
             result["loss"] = result["loss"] * float("nan")
         return result
 
     monkeypatch.setattr(TrainingModule, "forward", sometimes_nan)
-    summary = run(_config(synthetic, tmp_path / "nan", max_steps=3))
+    summary = run(_config(synthetic, tmp_path / "nan", max_steps=3, gradient_accumulation_steps=1))
     assert summary["skipped_steps"] == 1
     weights = load_file(find_checkpoint(tmp_path / "nan", "auto") / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
     monkeypatch.setattr(TrainingModule, "forward", lambda self, b, g: {**original(self, b, g), "loss": torch.tensor(float("nan"), requires_grad=True)})
     with pytest.raises(RuntimeError, match="consecutive steps with NaN"):
-        run(_config(synthetic, tmp_path / "all_nan", max_steps=5, max_nonfinite_steps=1))
+        run(_config(synthetic, tmp_path / "all_nan", max_steps=5, max_nonfinite_steps=1, gradient_accumulation_steps=1))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(synthetic):
+    """Recomputation re-runs the patches on the same path (and captures nothing twice)."""
+    batch = _batches(synthetic[0], 1)[0]
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        host = ToyHost(clip_tokenizer(), gradient_checkpointing=checkpointing)
+        adapter = ConsistentIDAdapter.create("sd15", lora_rank=4, **TOY_ADAPTER_DIMS)
+        init_id_key_value_from_base(adapter, host.base_weights())
+        module = TrainingModule(adapter, host)
+        module(batch, step_generator(0, 0, 0, 0, torch.device("cpu")))["loss"].backward()
+        grads.append({n: p.grad for n, p in adapter.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-6
+
+
+def test_bf16_mixed_precision_run(synthetic, tmp_path):
+    summary = run(_config(synthetic, tmp_path, max_steps=1, gradient_accumulation_steps=1, mixed_precision="bf16"))
+    assert summary["skipped_steps"] == 0 and math.isfinite(summary["last"]["loss"])

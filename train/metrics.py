@@ -175,5 +175,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     xa, xb = a - a.mean(0), b - b.mean(0)
     trace_a = (xa**2).sum() / (len(a) - 1)
     trace_b = (xb**2).sum() / (len(b) - 1)
-    cross = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
+    if min(len(a), len(b)) <= a.shape[1]:
+        cross = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
+    else:  # more images than dimensions: Tr((Σa^½ Σb Σa^½)^½) with symmetric eigendecompositions
+        values, vectors = np.linalg.eigh(xa.T @ xa / (len(a) - 1))
+        root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+        cross = np.sqrt(np.linalg.eigvalsh(root_a @ (xb.T @ xb / (len(b) - 1)) @ root_a).clip(min=0)).sum()
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + trace_a + trace_b - 2 * cross)

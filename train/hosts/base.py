@@ -85,6 +85,10 @@ def checkpoint_forward(module: torch.nn.Module) -> None:
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
+        # The UNet keeps writing the current block into its shared transformer_options dict; the
+        # recomputation must see the values of *this* call (the patch lookup depends on them).
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     module.forward = checkpointed
