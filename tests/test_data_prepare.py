@@ -15,18 +15,10 @@ from PIL import Image
 from consistentid_core.data import DataRoots, FGIDDataset, SampleOptions, read_fgid
 from tests.fixtures.clip_tokenizer import clip_tokenizer
 from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
+from tests.test_train_toy import one_thread  # noqa: F401  (autouse, module scope)
 from train import prepare
 from train.synthetic import write_synthetic_set
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one thread is as fast, and far faster on a busy machine (no OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

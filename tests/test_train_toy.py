@@ -36,7 +36,9 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny tensors: one thread is as fast, and far faster on a busy machine (no OpenMP spinning)."""
+    """Tiny tensors: one thread is as fast, and far faster on a busy machine (no OpenMP spinning).
+
+    Also imported by the other trainer/data test modules."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
