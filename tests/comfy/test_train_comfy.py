@@ -57,6 +57,15 @@ def _overrides(comfy, data, out, base_model="sd15", **train):
     return [f"{k}={v}" for k, v in values.items()]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and far faster on a busy machine (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
@@ -65,14 +74,14 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-def _module(comfy, base_model="sd15", adapter=None, layers=5):
+def _module(comfy, base_model="sd15", adapter=None, layers=5, gradient_checkpointing=False):
     from train.config import load_config
     from train.fit import build_adapter
     from train.hosts.comfy import ComfyHost
     from train.step import LossConfig, TrainingModule
 
     model = _model_config(comfy, base_model)
-    host = ComfyHost(model, comfy.root, torch.device("cpu"), torch.float32)
+    host = ComfyHost(model, comfy.root, torch.device("cpu"), torch.float32, gradient_checkpointing)
     if adapter is None:
         config = load_config(None, ["data.json=unused", "model.kind=toy"])
         config.model = model
@@ -109,6 +118,19 @@ def test_one_step_on_comfy_unet_reaches_every_lora_and_id_projection(comfy, data
             assert layer.to_k_ip.weight.grad.abs().sum() > 0
     assert len(calls[0]) == captured and result["facial_loss"] != 0
     assert all(p.grad is None for p in module.host.patcher.model.parameters())
+
+
+def test_gradient_checkpointing_on_comfy_unet_gives_the_same_gradients(comfy, data):
+    """ComfyUI's blocks share one transformer_options dict; recomputation must use each call's own values."""
+    from train.step import step_generator
+
+    grads = []
+    for checkpointing in (False, True):
+        module = _module(comfy, gradient_checkpointing=checkpointing)
+        module(_batches(module, data, 1)[0], step_generator(0, 0, 0, 0, torch.device("cpu")))["loss"].backward()
+        grads.append({n: p.grad for n, p in module.adapter.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-5
 
 
 def test_training_patch_computes_what_the_nodes_inference_patch_computes(comfy):
