@@ -1,6 +1,7 @@
 """Trainer plumbing without a model run: config files, checkpoint discovery, export round trip."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,11 @@ def test_defaults_reference_lists_every_key_with_its_doc():
     text = describe_defaults()
     assert "| `localization_attention` | `\"attn2\"` |" in text and "the original code's self-attention maps" in text
     assert text.count("### `") == 3
+
+
+def test_training_doc_carries_the_current_defaults_table():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    assert describe_defaults() in doc, "docs/TRAINING.md is out of date: paste `python -m train.fit --print-defaults`"
 
 
 def test_checkpoint_discovery_ignores_half_written_folders(tmp_path):
