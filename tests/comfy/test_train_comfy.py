@@ -133,6 +133,29 @@ def test_gradient_checkpointing_on_comfy_unet_gives_the_same_gradients(comfy, da
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-5
 
 
+def test_fine_tuning_starts_from_a_release_file_and_refuses_one_for_another_base(comfy, data):
+    from consistentid_core import ConsistentIDAdapter, ModelMismatch
+    from train.config import load_config
+    from train.fit import build_adapter
+    from train.hosts.comfy import ComfyHost
+    from train.step import TrainingModule
+
+    config = load_config(None, ["data.json=unused", "model.kind=toy"])
+    config.model = _model_config(comfy)
+    host = ComfyHost(config.model, comfy.root, torch.device("cpu"), torch.float32)
+    config.model.init_from = str(comfy.paths["sd15_adapter"])
+    adapter = build_adapter(config, host)
+    release = ConsistentIDAdapter.load(comfy.paths["sd15_adapter"]).state_dict()
+    assert all(torch.equal(adapter.state_dict()[k], release[k]) for k in release)
+    TrainingModule(adapter, host)
+    with pytest.raises(ModelMismatch, match="sdxl adapter"):
+        config.model.init_from = str(comfy.paths["sdxl_adapter"])
+        build_adapter(config, host)
+    other = ConsistentIDAdapter.create("sd15", lora_rank=4, channels=(64,) * 4, cross_attention_dim=64, clip_embedding_dim=32, facial_dim=64, facial_depth=2, id_depth=2)
+    with pytest.raises(ModelMismatch, match="shapes differ"):
+        TrainingModule(other, host)
+
+
 def test_training_patch_computes_what_the_nodes_inference_patch_computes(comfy):
     """Same adapter, same tokens: trainable LoRA wrappers + live K/V == merged LoRA + precomputed K/V."""
     from tests.fixtures.tiny_adapter import make_tiny_adapter

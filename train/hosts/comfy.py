@@ -139,10 +139,19 @@ class ComfyHost(Host):
             self.patcher.set_model_patch_replace(patch, attn, block, number, index)
         for key, wrapper in plan.weight_wrappers.items():
             self.patcher.add_weight_wrapper(key, wrapper)
-        state_keys = set(self.patcher.model.state_dict())
-        missing = [key for key in plan.weight_wrappers if key not in state_keys]
-        if missing:
-            raise ModelMismatch(f"the UNet has no weights for {len(missing)} LoRA targets, e.g. {missing[:3]}")
+        shapes = {key: tuple(value.shape) for key, value in self.patcher.model.state_dict().items()}
+        missing = [key for key in plan.weight_wrappers if key not in shapes]
+        wrong = [
+            f"{key} {shapes[key]} vs LoRA {(wrapper.pair.up.weight.shape[0], wrapper.pair.down.weight.shape[1])}"
+            for key, wrapper in plan.weight_wrappers.items()
+            if key in shapes and shapes[key] != (wrapper.pair.up.weight.shape[0], wrapper.pair.down.weight.shape[1])
+        ]
+        if missing or wrong:
+            raise ModelMismatch(
+                f"this adapter does not fit the {self.base_model} UNet of the checkpoint: "
+                + (f"no weights for {len(missing)} LoRA targets, e.g. {missing[:2]}; " if missing else "")
+                + (f"{len(wrong)} shapes differ, e.g. {wrong[:2]}" if wrong else "")
+            )
         self._load_unet()
 
     def _load_unet(self) -> None:
