@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.shard == "auto" and count > 1:
             from accelerate import PartialState
 
-            state = PartialState()
+            state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes synchronise over gloo
             state.wait_for_everyone()
             if not state.is_main_process:
                 return {}
