@@ -12,6 +12,8 @@
 
 ComfyUI is imported from ``model.comfyui_path``/``COMFYUI_PATH`` with its root first on ``sys.path``
 (our ``nodes/`` folder must never shadow ComfyUI's ``nodes.py``; the trainer imports no ``nodes``).
+Everything is built outside ComfyUI's executor, so no weight is an inference tensor (the pitfall of
+training inside a node) and the frozen weights need no copies.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class ComfyHost(Host):
         import comfy.sd
 
         self.device = torch.device(mm.get_torch_device()) if device.type != "cpu" else device
+        if self.device != device:
+            raise RuntimeError(f"ComfyUI picked {self.device} but this process trains on {device}; set CUDA_VISIBLE_DEVICES per process")
         options = {"dtype": dtype} if device.type == "cuda" else {}
         text_options = {"dtype": dtype if device.type == "cuda" else torch.float32}
         self.patcher, self.clip, self.vae, _ = comfy.sd.load_checkpoint_guess_config(
