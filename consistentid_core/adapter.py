@@ -159,6 +159,16 @@ class ConsistentIDAdapter(nn.Module):
         return self.id_projection.num_tokens
 
     @property
+    def clip_embedding_dim(self) -> int:
+        """Width of the CLIP vision hidden states the encoders take (1280 for CLIP-ViT-H)."""
+        return self.id_projection.perceiver_resampler.proj_in.in_features
+
+    @property
+    def id_embedding_dim(self) -> int:
+        """Width of the InsightFace identity embedding (512)."""
+        return self.id_projection.proj[0].in_features
+
+    @property
     def lora_rank(self) -> int:
         return self.layers[0].rank
 

@@ -82,8 +82,7 @@ def image_sha256(image: Any) -> str:
 
 def adapter_face_dims(adapter: Any) -> tuple[int, int]:
     """``(clip_width, id_embedding_dim)`` a ConsistentIDAdapter expects of a face."""
-    projection = adapter.id_projection
-    return int(projection.perceiver_resampler.proj_in.in_features), int(projection.proj[0].in_features)
+    return int(adapter.clip_embedding_dim), int(adapter.id_embedding_dim)
 
 
 def _tensor(value: Any) -> torch.Tensor:

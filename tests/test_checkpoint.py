@@ -85,6 +85,7 @@ def test_release_bin_with_either_image_proj_key_loads(tmp_path, proj_key):
     loaded = ConsistentIDAdapter.load(tmp_path / "ConsistentID-v1.bin")
     assert loaded.base_model == "sd15"
     assert (loaded.lora_rank, loaded.num_tokens, loaded.cross_attention_dim) == (4, 4, 64)
+    assert (loaded.clip_embedding_dim, loaded.id_embedding_dim) == (32, 512)
     _assert_same_weights(adapter, loaded)
 
 
