@@ -3,7 +3,7 @@
 ``python -m bench.memory --variant plain|patched [--adapter-dtype fp32|fp16|bf16] --sizes full|smoke
 --px N --comfyui PATH`` is the worker: it builds what the variant needs (the adapter first, so its
 construction is not on top of the UNet), runs one batch-2 forward and prints one JSON line with the
-RSS high-water mark (``getrusage``) and the resident size after each phase. Separate processes keep
+RSS high-water mark (``VmHWM``) and the resident size after each phase. Separate processes keep
 one variant's peak out of the other's; the allocator runs with glibc defaults (no MALLOC_* tuning),
 as a user's ComfyUI does.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -34,8 +33,16 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of the resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """High-water mark of this process's resident set size: ``VmHWM``, which starts afresh at exec.
+
+    ``getrusage().ru_maxrss`` would not do: Linux carries it over from the parent across fork and
+    exec, so every worker would report the benchmark parent's peak.
+    """
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def worker(argv: list[str] | None = None) -> dict:
@@ -136,6 +143,7 @@ def run(sizes, comfyui: Path, progress: Callable[[str], None] = print) -> list[S
             key, result["peak_rss_bytes"] / MiB, phases["imported"] / MiB, result["unet_bytes"] / MiB,
             result.get("adapter_bytes", 0) / MiB, result.get("backup_bytes", 0) / MiB,
             result["peak_rss_bytes"] / plain["peak_rss_bytes"],
+            (result["peak_rss_bytes"] - phases["imported"]) / (plain["peak_rss_bytes"] - plain["phases"]["imported"]),
         ])
         if key != "plain-fp32":
             targets.append(Target(f"memory: peak {key}/plain", result["peak_rss_bytes"] / plain["peak_rss_bytes"], 1.15))
@@ -146,12 +154,15 @@ def run(sizes, comfyui: Path, progress: Callable[[str], None] = print) -> list[S
         Section(
             name="memory",
             title=f"Peak process memory, one forward at {px} px, batch 2 (MiB, fresh process each)",
-            columns=["variant", "peak RSS", "after imports", "UNet weights", "adapter", "ComfyUI weight backup", "peak / plain"],
+            columns=["variant", "peak RSS", "after imports", "UNet weights", "adapter", "ComfyUI weight backup", "peak / plain",
+                     "above imports / plain"],
             rows=rows,
             targets=targets,
             notes=[
                 "patched = adapter built, patch_model, ComfyUI load (LoRA merged), forward; the UNet is fp32 (CPU).",
                 "ComfyUI keeps the un-merged original of every patched weight (its backup) to unpatch later.",
+                "'after imports' = resident size once torch and ComfyUI are imported; 'above imports / plain' "
+                "compares the peaks without that common base.",
             ],
             data={"workers": results},
         ),

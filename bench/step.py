@@ -279,11 +279,11 @@ def identity_section(rig: StepRig, progress: Callable[[str], None] = print) -> S
     measured = rig.measure_identities(progress)
     steps, attn2 = measured["step"], measured["attn2"]
     counts = sorted(steps)
-    base_attn2 = stats.median(attn2[0])
     rows, branch = [], {}
     for count in counts:
         step = stats.median(steps[count])
-        branch[count] = stats.median(attn2[count]) - base_attn2
+        # Paired per round (same round, same machine state) like the ratios, then the median.
+        branch[count] = stats.median([a - b for a, b in zip(attn2[count], attn2[0])])
         rows.append([count, len(steps[count]), step, stats.ratio(steps, count, 0), stats.median(attn2[count]) * 1e3,
                      branch[count] * 1e3, branch[count] / step])
     intercept, slope, r2 = stats.linear_fit(counts, [branch[c] for c in counts])
@@ -302,7 +302,8 @@ def identity_section(rig: StepRig, progress: Callable[[str], None] = print) -> S
         notes=[
             "0 IDs = the same merged-LoRA weights without ID patches; each identity is one more patch_model "
             "with its own tokens and a strip mask. attn2 ms/step = seconds inside the 16 cross-attention "
-            "computations (timed in place); ID branch = that minus the 0-ID text attention.",
+            "computations (timed in place); ID branch = that minus the 0-ID text attention of the same round "
+            "(median over rounds).",
             f"Linear fit: {slope * 1e3:.2f} ms per identity (+{intercept * 1e3:.2f} ms), r² = {r2:.3f}.",
         ],
         data={"step": steps, "attn2": attn2, "fit": {"intercept_s": intercept, "slope_s": slope, "r2": r2}},
