@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.test_train_toy import fresh_accelerate_state, one_thread  # noqa: F401  (autouse fixtures)
+
 REPO = Path(__file__).resolve().parents[2]
 RESOLUTION = 128  # 16×16 latents: the SD1.5 topology downsamples three times
 
@@ -55,23 +57,6 @@ def _overrides(comfy, data, out, base_model="sd15", **train):
         **{f"train.{k}": v for k, v in train.items()},
     }
     return [f"{k}={v}" for k, v in values.items()]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster on a busy machine (no OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
 
 
 def _module(comfy, base_model="sd15", adapter=None, layers=5, gradient_checkpointing=False):
