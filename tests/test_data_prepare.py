@@ -124,3 +124,21 @@ def test_bad_shard_and_missing_models_are_reported(inputs, tmp_path):
         prepare.parse_shard("3/3")
     with pytest.raises(SystemExit):
         prepare.main(["--images", str(inputs[0]), "--out", str(tmp_path)])
+
+
+def test_captions_from_a_local_vision_language_model(prepared, tmp_path):
+    """The captions stage with a tiny random LLaVA (real transformers folder); unusable answers fall back."""
+    from tests.test_caption import build_tiny_vlm
+
+    vlm = build_tiny_vlm(tmp_path / "tiny-llava")
+    record_path = next(p for p in sorted((prepared / "records").rglob("*.json")) if not json.loads(p.read_text()).get("skipped"))
+    record = json.loads(record_path.read_text())
+    del record["stages"]["captions"]
+    item = prepare.Item(tmp_path / "out", prepared, record["origin_IMG"])
+    item.record = record
+    item.out = prepared  # read the resized image from the prepared set, write the record to tmp
+    item.path = tmp_path / "record.json"
+    prepare.stage_captions([item], str(vlm), "cpu", progress=False)
+    written = json.loads((tmp_path / "record.json").read_text())
+    assert written["stages"]["captions"] == "done" and written["caption_source"].startswith("tiny-llava")
+    assert written["vqa_llva"] and written["vqa_llva_more_face_detail"]
