@@ -2,7 +2,7 @@
 
 Always imported relatively (``from .nodes import …``): ComfyUI has its own top-level ``nodes``
 module. ``patch.patch_model`` and ``conditioning.encode_conditioning`` are the Python API for
-scripts; see ``docs/NODES.md`` for the nodes.
+scripts; see the README for the nodes and ``docs/API.md`` for the API.
 """
 
 from __future__ import annotations
