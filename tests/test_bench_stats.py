@@ -73,3 +73,9 @@ def test_linear_fit_recovers_a_line():
 def test_linear_fit_of_scattered_points_has_low_r2():
     _, _, r2 = stats.linear_fit([0, 1, 2, 3], [0.0, 5.0, 0.0, 5.0])
     assert r2 < 0.5
+
+
+def test_fastest_ratio_ignores_rounds_slowed_by_other_load():
+    """Load only adds time: the fastest runs give the intrinsic ratio (here 1.05) despite a slow round."""
+    samples = {"patched": [1.05, 9.0, 1.2], "unmerged": [1.0, 4.0, 1.1]}
+    assert stats.fastest_ratio(samples, "patched", "unmerged") == pytest.approx(1.05)
