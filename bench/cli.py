@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from bench.probe import MachineProbe, load_average
+
     sizes = (SMOKE if args.smoke else FULL).with_rounds(args.rounds)
+    probe = MachineProbe()
+    probe.calibrate()
+    load_at_start = load_average()
     progress = lambda message: print(message, flush=True)  # noqa: E731
     progress(f"ConsistentID benchmarks ({sizes.name} sizes): {', '.join(args.benchmarks)}; "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import step
 
         progress("[step] building models")
-        rig = step.StepRig.build(comfy, sizes, progress)
+        rig = step.StepRig.build(comfy, sizes, probe, progress)
         if "step" in wanted:
             done([step.step_section(rig, progress)])
         if "scaling" in wanted:
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import face
 
         progress("[face] building models")
-        done(face.run(comfy, sizes, progress))
+        done(face.run(comfy, sizes, probe, progress))
     if "memory" in wanted:
         from bench import memory
 
@@ -115,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "sizes": sizes.name,
         "benchmarks": wanted, "comfyui": str(comfy.root), "wall_seconds": wall,
         "malloc_tuning": {k: os.environ.get(k) for k in MALLOC_TUNING},
+        "load_average_1min": {"start": load_at_start, "end": load_average()},
+        "probe_fastest_s": probe.fastest,
     })
     write_json(args.json, to_json(sections, meta))
     print("\n# Results\n\n" + format_report(sections, wall), flush=True)
+    print(f"1-minute load average: {load_at_start:.1f} at start, {load_average():.1f} at the end "
+          f"({os.cpu_count()} CPUs); quietest load probe {probe.fastest * 1e3:.1f} ms")
     print(f"JSON: {Path(args.json).resolve()}")
     return 0

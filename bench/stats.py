@@ -42,10 +42,14 @@ def run_interleaved(
     warmup: int = 1,
     clock: Clock = time.perf_counter,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    probe: Callable[[], float] | None = None,
+    probes: list[float] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant over ``rounds`` interleaved rounds (after ``warmup`` untimed ones).
 
-    ``on_round(r, {name: seconds})`` is called after each timed round (progress output).
+    ``on_round(r, {name: seconds})`` is called after each timed round (progress output). With a
+    ``probe`` (seconds of a fixed small workload), the slower of its runs before and after each
+    round is appended to ``probes``: how loaded the machine was during that round.
     """
     if rounds < 1:
         raise ValueError(f"need at least one timed round, got {rounds}")
@@ -54,12 +58,15 @@ def run_interleaved(
             variants[name]()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for index, order in enumerate(rotated_orders(list(variants), rounds)):
+        before = probe() if probe is not None else 0.0
         this_round = {}
         for name in order:
             start = clock()
             variants[name]()
             this_round[name] = clock() - start
             samples[name].append(this_round[name])
+        if probe is not None and probes is not None:
+            probes.append(max(before, probe()))
         if on_round is not None:
             on_round(index, this_round)
     return samples
@@ -77,9 +84,18 @@ def ratio(samples: Mapping[str, Sequence[float]], numerator: str, denominator: s
     return median(paired_ratios(samples[numerator], samples[denominator]))
 
 
-def fastest_ratio(samples: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> float:
-    """Ratio of the two variants' fastest runs (the headline estimate, see the module docstring)."""
-    return float(min(samples[numerator])) / float(min(samples[denominator]))
+def fastest_ratio(
+    samples: Mapping[str, Sequence[float]], numerator: str, denominator: str, rounds: Sequence[int] | None = None
+) -> float:
+    """Ratio of the two variants' fastest runs (the headline estimate, see the module docstring),
+    over the given ``rounds`` only (e.g. :func:`quiet_rounds`) or all of them."""
+    pick = range(len(samples[numerator])) if not rounds else rounds
+    return min(samples[numerator][i] for i in pick) / min(samples[denominator][i] for i in pick)
+
+
+def quiet_rounds(probes: Sequence[float], reference: float, tolerance: float = 1.3) -> list[int]:
+    """Rounds whose load probe stayed within ``tolerance`` of ``reference`` (the probe's fastest run)."""
+    return [i for i, value in enumerate(probes) if value <= tolerance * reference]
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

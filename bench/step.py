@@ -19,6 +19,7 @@ import torch
 
 from bench import stats
 from bench.models import Sizes, build_adapter, build_unet, id_tokens
+from bench.probe import MachineProbe
 from bench.report import Section, Target
 from bench.unmerged import apply_runtime_lora, install_runtime_id_attention
 
@@ -113,11 +114,13 @@ class StepRig:
     patchers: dict[str, Any]
     identity_patchers: dict[int, Any]
     sigma: float
+    probe: MachineProbe
     check: dict[str, float] = field(default_factory=dict)
     measured: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    probes: dict[Any, list[float]] = field(default_factory=dict)  # per comparison: load probe per round
 
     @classmethod
-    def build(cls, comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> "StepRig":
+    def build(cls, comfy, sizes: Sizes, probe: MachineProbe, progress: Callable[[str], None] = print) -> "StepRig":
         patch = comfy.our("patch")
         started = time.perf_counter()
         plain = build_unet(sizes.unet, seed=0)
@@ -148,7 +151,8 @@ class StepRig:
                 chained = patch.patch_model(chained, adapter, cond * person, uncond, attn_mask=strip_mask(index, count))
             identity_patchers[count] = chained
         sigma = float(plain.get_model_object("model_sampling").percent_to_sigma(0.5))
-        rig = cls(comfy, sizes, adapter, {"plain": plain, "patched": patched, "unmerged": unmerged}, identity_patchers, sigma)
+        rig = cls(comfy, sizes, adapter, {"plain": plain, "patched": patched, "unmerged": unmerged}, identity_patchers,
+                  sigma, probe)
         rig.check_outputs(min(sizes.unmerged_resolutions))
         progress(
             f"  setup {time.perf_counter() - started:.0f} s; unmerged stand-in matches the patched model to "
@@ -185,12 +189,24 @@ class StepRig:
         calls = {name: (lambda p=self.patchers[name]: forward(p, inputs)) for name in variants}
         rounds = self.sizes.rounds_for(px)
         progress(f"  {px} px: {', '.join(variants)}; {self.sizes.warmup} warm-up + {rounds} rounds")
+        self.probes[px] = []
         samples = stats.run_interleaved(
-            calls, rounds, self.sizes.warmup,
-            on_round=lambda r, t: progress(f"    round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())),
+            calls, rounds, self.sizes.warmup, on_round=self._report(progress, self.probes[px]),
+            probe=self.probe, probes=self.probes[px],
         )
         self.measured[px] = samples
         return samples
+
+    def _report(self, progress: Callable[[str], None], probes: list[float], suffix: str = "") -> Callable:
+        def report(index: int, times: dict) -> None:
+            calls = ", ".join(f"{name}{suffix} {seconds:.2f} s" for name, seconds in times.items())
+            progress(f"    round {index + 1}: {calls} (load probe x{probes[-1] / self.probe.fastest:.1f})")
+
+        return report
+
+    def quiet(self, key: Any) -> list[int]:
+        """Rounds of one comparison that ran on a quiet machine (empty: none did)."""
+        return stats.quiet_rounds(self.probes.get(key, []), self.probe.fastest)
 
     def measure_identities(self, progress: Callable[[str], None] = print) -> dict[str, dict[int, list[float]]]:
         """Step time and seconds inside attn2 per step, for each number of identities."""
@@ -213,38 +229,52 @@ class StepRig:
 
         rounds = self.sizes.identity_rounds
         progress(f"  {px} px, identities {list(self.identity_patchers)}; {self.sizes.warmup} warm-up + {rounds} rounds")
+        self.probes["identities"] = []
         steps = stats.run_interleaved(
             {count: call(count) for count in self.identity_patchers}, rounds, self.sizes.warmup,
-            on_round=lambda r, t: progress(f"    round {r + 1}: " + ", ".join(f"{k} IDs {v:.2f} s" for k, v in t.items())),
+            on_round=self._report(progress, self.probes["identities"], " IDs"),
+            probe=self.probe, probes=self.probes["identities"],
         )
         skip = self.sizes.warmup  # warm-up calls appended attn2 samples too
         return {"step": steps, "attn2": {count: values[skip:] for count, values in attn2.items()}}
 
 
 TIMING_NOTE = (
-    "Times and headline ratios compare each variant's fastest of N interleaved rounds (load from other "
-    "processes only adds time, and unevenly); 'median' columns are medians of per-round ratios."
+    "Times and headline ratios: each variant's fastest run over the quiet rounds ('quiet' = rounds whose "
+    "load probe stayed within 1.3x of its quietest; all rounds when none was quiet). 'median' = median of "
+    "per-round ratios over all N rounds. Rounds are interleaved in rotating order."
 )
 
 
+def fastest(values: Sequence[float], rounds: Sequence[int]) -> float:
+    return min(values[i] for i in rounds) if rounds else min(values)
+
+
+def quiet_label(quiet: Sequence[int], total: int) -> str:
+    return f"{len(quiet)}/{total}" if quiet else f"0/{total} (all used)"
+
+
 def step_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
-    rows, targets, data = [], [], {"check": rig.check, "samples": {}}
+    rows, targets, data = [], [], {"check": rig.check, "samples": {}, "probes": {}, "probe_fastest": None}
     for px in rig.sizes.unmerged_resolutions:
         samples = rig.measure(px, VARIANTS, progress)
+        quiet = rig.quiet(px)
         data["samples"][px] = {name: samples[name] for name in VARIANTS}
-        over_plain = stats.fastest_ratio(samples, "patched", "plain")
-        over_unmerged = stats.fastest_ratio(samples, "patched", "unmerged")
+        data["probes"][px] = rig.probes[px]
+        over_plain = stats.fastest_ratio(samples, "patched", "plain", quiet)
+        over_unmerged = stats.fastest_ratio(samples, "patched", "unmerged", quiet)
         rows.append([
-            px, len(samples["plain"]), *(min(samples[name]) for name in VARIANTS), over_plain, over_unmerged,
-            stats.fastest_ratio(samples, "unmerged", "plain"),
+            px, quiet_label(quiet, len(samples["plain"])), *(fastest(samples[name], quiet) for name in VARIANTS),
+            over_plain, over_unmerged, stats.fastest_ratio(samples, "unmerged", "plain", quiet),
             stats.ratio(samples, "patched", "plain"), stats.ratio(samples, "patched", "unmerged"),
         ])
         targets.append(Target(f"step {px} px: patched/plain", over_plain, 1.05))
         targets.append(Target(f"step {px} px: patched/unmerged", over_unmerged, 0.90))
+    data["probe_fastest"] = rig.probe.fastest
     return Section(
         name="step",
         title="Sampling step (SD1.5 UNet, batch 2 = cond + uncond, s per step)",
-        columns=["px", "N", "plain s", "patched s", "unmerged s", "patched/plain", "patched/unmerged",
+        columns=["px", "quiet", "plain s", "patched s", "unmerged s", "patched/plain", "patched/unmerged",
                  "unmerged/plain", "patched/plain median", "patched/unmerged median"],
         rows=rows,
         targets=targets,
@@ -262,57 +292,62 @@ def step_section(rig: StepRig, progress: Callable[[str], None] = print) -> Secti
 
 
 def resolution_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
-    rows, data = [], {}
+    rows, data = [], {"samples": {}, "probes": {}}
     base = None
     for px in rig.sizes.scaling_resolutions:
         samples = rig.measure(px, ("plain", "patched"), progress)
-        data[px] = {name: samples[name] for name in ("plain", "patched")}
-        plain = min(samples["plain"])
+        quiet = rig.quiet(px)
+        data["samples"][px] = {name: samples[name] for name in ("plain", "patched")}
+        data["probes"][px] = rig.probes[px]
+        plain = fastest(samples["plain"], quiet)
         base = base or plain
-        rows.append([px, (px // 8) ** 2, len(samples["plain"]), plain, min(samples["patched"]),
-                     stats.fastest_ratio(samples, "patched", "plain"), stats.ratio(samples, "patched", "plain"),
-                     plain / base])
+        rows.append([px, (px // 8) ** 2, quiet_label(quiet, len(samples["plain"])), plain,
+                     fastest(samples["patched"], quiet), stats.fastest_ratio(samples, "patched", "plain", quiet),
+                     stats.ratio(samples, "patched", "plain"), plain / base])
     return Section(
         name="scaling_resolution",
         title="Scaling with resolution (s per step, batch 2)",
-        columns=["px", "latent tokens", "N", "plain s", "patched s", "patched/plain", "patched/plain median",
+        columns=["px", "latent tokens", "quiet", "plain s", "patched s", "patched/plain", "patched/plain median",
                  "plain vs smallest"],
         rows=rows,
         notes=["The ID branch adds one attention over 4 tokens per cross-attention layer, linear in latent "
                "tokens like the text attention; self-attention (quadratic) and the convolutions dominate a step.",
                TIMING_NOTE],
-        data={"samples": data},
+        data=data,
     )
 
 
 def identity_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
     measured = rig.measure_identities(progress)
     steps, attn2 = measured["step"], measured["attn2"]
+    quiet = rig.quiet("identities")
     counts = sorted(steps)
     rows, branch = [], {}
     for count in counts:
-        step = min(steps[count])
-        branch[count] = min(attn2[count]) - min(attn2[0])
-        rows.append([count, len(steps[count]), step, stats.fastest_ratio(steps, count, 0), min(attn2[count]) * 1e3,
-                     branch[count] * 1e3, branch[count] / step])
+        step = fastest(steps[count], quiet)
+        branch[count] = fastest(attn2[count], quiet) - fastest(attn2[0], quiet)
+        rows.append([count, quiet_label(quiet, len(steps[count])), step, stats.fastest_ratio(steps, count, 0, quiet),
+                     fastest(attn2[count], quiet) * 1e3, branch[count] * 1e3, branch[count] / step])
     intercept, slope, r2 = stats.linear_fit(counts, [branch[c] for c in counts])
     most = max(counts)
     targets = [
-        Target(f"ID branch, {most} identities, share of a step", branch[most] / min(steps[most]), 0.05),
+        Target(f"ID branch, {most} identities, share of a step", branch[most] / fastest(steps[most], quiet), 0.05),
         Target("ID branch vs identities: linear fit r²", r2, 0.95, ">="),
     ]
     return Section(
         name="scaling_identities",
         title=f"Scaling with identities ({rig.sizes.identity_resolution} px, chained patch_model with masks)",
-        columns=["identities", "N", "step s", "step / 0 IDs", "attn2 ms/step", "ID branch ms/step", "ID share of step"],
+        columns=["identities", "quiet", "step s", "step / 0 IDs", "attn2 ms/step", "ID branch ms/step",
+                 "ID share of step"],
         rows=rows,
         targets=targets,
         notes=[
             "0 IDs = the same merged-LoRA weights without ID patches; each identity is one more patch_model "
             "with its own tokens and a strip mask. attn2 ms/step = seconds inside the 16 cross-attention "
-            "computations (timed in place, fastest round); ID branch = that minus the 0-ID text attention.",
+            "computations (timed in place); ID branch = that minus the 0-ID text attention.",
             f"Linear fit: {slope * 1e3:.2f} ms per identity (+{intercept * 1e3:.2f} ms), r² = {r2:.3f}.",
             TIMING_NOTE,
         ],
-        data={"step": steps, "attn2": attn2, "fit": {"intercept_s": intercept, "slope_s": slope, "r2": r2}},
+        data={"step": steps, "attn2": attn2, "probes": rig.probes["identities"],
+              "fit": {"intercept_s": intercept, "slope_s": slope, "r2": r2}},
     )

@@ -79,3 +79,21 @@ def test_fastest_ratio_ignores_rounds_slowed_by_other_load():
     """Load only adds time: the fastest runs give the intrinsic ratio (here 1.05) despite a slow round."""
     samples = {"patched": [1.05, 9.0, 1.2], "unmerged": [1.0, 4.0, 1.1]}
     assert stats.fastest_ratio(samples, "patched", "unmerged") == pytest.approx(1.05)
+
+
+def test_probe_runs_around_every_timed_round_and_keeps_the_slower():
+    values = iter([1.0, 3.0, 2.0, 1.5])
+    probes = []
+    stats.run_interleaved({"x": lambda: None}, rounds=2, warmup=1, probe=lambda: next(values), probes=probes)
+    assert probes == [3.0, 2.0]
+
+
+def test_quiet_rounds_are_those_near_the_quietest_probe():
+    assert stats.quiet_rounds([1.0, 1.2, 5.0, 1.4], reference=1.0, tolerance=1.3) == [0, 1]
+    assert stats.quiet_rounds([5.0, 6.0], reference=1.0) == []
+
+
+def test_fastest_ratio_over_selected_rounds():
+    samples = {"a": [1.0, 9.0, 2.0], "b": [4.0, 3.0, 2.0]}
+    assert stats.fastest_ratio(samples, "a", "b", [1, 2]) == pytest.approx(1.0)
+    assert stats.fastest_ratio(samples, "a", "b", []) == pytest.approx(0.5)  # none selected: all rounds
