@@ -69,7 +69,7 @@ def clip_vision_hidden_states(clip_vision) -> Callable[[torch.Tensor], torch.Ten
             "CLIP vision model is a different kind."
         )
 
-    def run(pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
         comfy.model_management.load_model_gpu(clip_vision.patcher)
         outputs = []
         for start in range(0, pixel_values.shape[0], CLIP_BATCH):
@@ -80,7 +80,26 @@ def clip_vision_hidden_states(clip_vision) -> Callable[[torch.Tensor], torch.Ten
             comfy.model_management.throw_exception_if_processing_interrupted()
         return torch.cat(outputs)
 
+    def run(pixel_values: torch.Tensor) -> torch.Tensor:
+        # The unconditional input (all-zero normalised pixels) is the same for every photo: encode it
+        # once per CLIP vision model and serve it from the cache afterwards.
+        is_zero = pixel_values.flatten(1).abs().amax(dim=1) == 0
+        if not bool(is_zero.any()):
+            return encode(pixel_values)
+        uncond = _UNCOND_CACHE.get(clip_vision)
+        if uncond is None:
+            uncond = encode(torch.zeros_like(pixel_values[:1]))[0]
+            _UNCOND_CACHE[clip_vision] = uncond
+        out = uncond.expand(pixel_values.shape[0], *uncond.shape).clone()
+        if not bool(is_zero.all()):
+            out[~is_zero] = encode(pixel_values[~is_zero])
+        return out
+
     return run
+
+
+#: Hidden states of the all-zero CLIP input, per CLIP vision model object (dropped with the model).
+_UNCOND_CACHE: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
 class NodeError(RuntimeError):

@@ -276,3 +276,32 @@ def test_start_after_end_fails_validation(comfy):
     _, _, good_outputs, node_errors = comfy.runner.validate(_portrait(**{APPLY: {"start_at": 0.8, "end_at": 0.2}}))
     assert "23" not in good_outputs  # the image output depends on Apply
     assert "need 0 <= start_at <= end_at <= 1" in str(node_errors[APPLY])
+
+
+def test_unconditional_clip_features_are_encoded_once_per_clip_model(comfy, loaded):
+    """The all-zero CLIP input is served from a per-model cache, with the same numbers as encoding it."""
+    runtime = comfy.package.nodes.runtime
+    clip_vision = loaded["clip_vision"]
+    encode = runtime.clip_vision_hidden_states(clip_vision)
+    pixels = torch.randn(3, 3, 224, 224)
+    pixels[1] = 0
+    calls = []
+    original_forward = clip_vision.model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(kwargs["pixel_values"].shape[0])
+        return original_forward(*args, **kwargs)
+
+    runtime._UNCOND_CACHE.pop(clip_vision, None)
+    clip_vision.model.forward = counting_forward
+    try:
+        with torch.inference_mode():  # as the executor runs nodes
+            first = encode(pixels)
+            second = encode(pixels)
+    finally:
+        del clip_vision.model.forward
+    assert calls == [1, 2, 2]  # zero image once, then only the two real images, twice
+    assert torch.equal(first, second)
+    with torch.inference_mode():
+        direct = clip_vision.model(pixel_values=pixels[1:2], intermediate_output=-2)[1].float()
+    assert torch.allclose(first[1], direct[0], atol=1e-5)
