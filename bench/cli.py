@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
 
     wanted = args.benchmarks
     if "step" in wanted or "scaling" in wanted:
-        from bench import step
+        from bench import step, step_tables
 
         progress("[step] building models")
         rig = step.StepRig.build(comfy, sizes, probe, progress)
         if "step" in wanted:
-            done([step.step_section(rig, progress)])
+            done([step_tables.step_section(rig, progress)])
         if "scaling" in wanted:
-            done([step.resolution_section(rig, progress), step.identity_section(rig, progress)])
+            done([step_tables.resolution_section(rig, progress), step_tables.identity_section(rig, progress)])
         del rig
         comfy.mm.unload_all_models()
         gc.collect()

@@ -51,12 +51,14 @@ def test_unmerged_stand_in_computes_what_patch_model_computes(smoke):
 
 
 def test_face_paths_differ_in_clip_work_and_the_repeat_is_cached(smoke):
-    """Ours: one CLIP call; the original: 4 calls over 12 images; an unchanged graph skips the node."""
+    """Ours: one CLIP call once the zero image is cached; the original: 4 calls over 12 images;
+    an unchanged graph skips the node."""
     face = smoke[0]["sections"]["face"]["data"]
     assert {c["calls"] for c in face["clip_work"]["ours"]} == {1}
     assert {(c["calls"], c["images"]) for c in face["clip_work"]["original"]} == {(4, 12)}
     first, repeat = face["graph_runs"]
-    assert first["encode_executed"] and first["clip_calls"] == 1
+    assert first["encode_executed"] and first["clip_images"] == face["clip_work"]["ours"][0]["images"] + 1
+    assert face["uncond_cached"]
     assert not repeat["encode_executed"] and repeat["clip_calls"] == 0
 
 

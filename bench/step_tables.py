@@ -1,0 +1,122 @@
+"""The step and scaling tables from a :class:`bench.step.StepRig`'s measurements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from bench import stats
+from bench.report import Section, Target
+from bench.step import VARIANTS, StepRig
+
+TIMING_NOTE = (
+    "Times and headline ratios: each variant's fastest run over the quiet rounds ('quiet' = rounds whose "
+    "load probe stayed within 1.3x of its quietest; all rounds when none was quiet). 'median' = median of "
+    "per-round ratios over all N rounds. Rounds are interleaved in rotating order."
+)
+
+
+def fastest(values: Sequence[float], rounds: Sequence[int]) -> float:
+    return min(values[i] for i in rounds) if rounds else min(values)
+
+
+def quiet_label(quiet: Sequence[int], total: int) -> str:
+    return f"{len(quiet)}/{total}" if quiet else f"0/{total} (all used)"
+
+
+def step_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
+    rows, targets, data = [], [], {"check": rig.check, "samples": {}, "probes": {}, "probe_fastest": None}
+    for px in rig.sizes.unmerged_resolutions:
+        samples = rig.measure(px, VARIANTS, progress)
+        quiet = rig.quiet(px)
+        data["samples"][px] = {name: samples[name] for name in VARIANTS}
+        data["probes"][px] = rig.probes[px]
+        over_plain = stats.fastest_ratio(samples, "patched", "plain", quiet)
+        over_unmerged = stats.fastest_ratio(samples, "patched", "unmerged", quiet)
+        rows.append([
+            px, quiet_label(quiet, len(samples["plain"])), *(fastest(samples[name], quiet) for name in VARIANTS),
+            over_plain, over_unmerged, stats.fastest_ratio(samples, "unmerged", "plain", quiet),
+            stats.ratio(samples, "patched", "plain"), stats.ratio(samples, "patched", "unmerged"),
+        ])
+        targets.append(Target(f"step {px} px: patched/plain", over_plain, 1.05))
+        targets.append(Target(f"step {px} px: patched/unmerged", over_unmerged, 0.90))
+    data["probe_fastest"] = rig.probe.fastest
+    return Section(
+        name="step",
+        title="Sampling step (SD1.5 UNet, batch 2 = cond + uncond, s per step)",
+        columns=["px", "quiet", "plain s", "patched s", "unmerged s", "patched/plain", "patched/unmerged",
+                 "unmerged/plain", "patched/plain median", "patched/unmerged median"],
+        rows=rows,
+        targets=targets,
+        notes=[
+            "patched = nodes.patch.patch_model (LoRA merged as weight patches + ID-branch attn2 patch); "
+            "unmerged = the original's design (LoRA on q/k/v/out of all 32 attention layers and to_k_ip/to_v_ip "
+            "evaluated at every call), bench/unmerged.py.",
+            f"The unmerged stand-in's output equals the patched model's to "
+            f"{rig.check['unmerged_vs_patched_relative']:.1e} of the LoRA's effect (max abs "
+            f"{rig.check['unmerged_vs_patched_max_abs']:.1e} vs {rig.check['patched_vs_plain_max_abs']:.1e}).",
+            TIMING_NOTE,
+        ],
+        data=data,
+    )
+
+
+def resolution_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
+    rows, data = [], {"samples": {}, "probes": {}}
+    base = None
+    for px in rig.sizes.scaling_resolutions:
+        samples = rig.measure(px, ("plain", "patched"), progress)
+        quiet = rig.quiet(px)
+        data["samples"][px] = {name: samples[name] for name in ("plain", "patched")}
+        data["probes"][px] = rig.probes[px]
+        plain = fastest(samples["plain"], quiet)
+        base = base or plain
+        rows.append([px, (px // 8) ** 2, quiet_label(quiet, len(samples["plain"])), plain,
+                     fastest(samples["patched"], quiet), stats.fastest_ratio(samples, "patched", "plain", quiet),
+                     stats.ratio(samples, "patched", "plain"), plain / base])
+    return Section(
+        name="scaling_resolution",
+        title="Scaling with resolution (s per step, batch 2)",
+        columns=["px", "latent tokens", "quiet", "plain s", "patched s", "patched/plain", "patched/plain median",
+                 "plain vs smallest"],
+        rows=rows,
+        notes=["The ID branch adds one attention over 4 tokens per cross-attention layer, linear in latent "
+               "tokens like the text attention; self-attention (quadratic) and the convolutions dominate a step.",
+               TIMING_NOTE],
+        data=data,
+    )
+
+
+def identity_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
+    measured = rig.measure_identities(progress)
+    steps, attn2 = measured["step"], measured["attn2"]
+    quiet = rig.quiet("identities")
+    counts = sorted(steps)
+    rows, branch = [], {}
+    for count in counts:
+        step = fastest(steps[count], quiet)
+        branch[count] = fastest(attn2[count], quiet) - fastest(attn2[0], quiet)
+        rows.append([count, quiet_label(quiet, len(steps[count])), step, stats.fastest_ratio(steps, count, 0, quiet),
+                     fastest(attn2[count], quiet) * 1e3, branch[count] * 1e3, branch[count] / step])
+    intercept, slope, r2 = stats.linear_fit(counts, [branch[c] for c in counts])
+    most = max(counts)
+    targets = [
+        Target(f"ID branch, {most} identities, share of a step", branch[most] / fastest(steps[most], quiet), 0.05),
+        Target("ID branch vs identities: linear fit r²", r2, 0.95, ">="),
+    ]
+    return Section(
+        name="scaling_identities",
+        title=f"Scaling with identities ({rig.sizes.identity_resolution} px, chained patch_model with masks)",
+        columns=["identities", "quiet", "step s", "step / 0 IDs", "attn2 ms/step", "ID branch ms/step",
+                 "ID share of step"],
+        rows=rows,
+        targets=targets,
+        notes=[
+            "0 IDs = the same merged-LoRA weights without ID patches; each identity is one more patch_model "
+            "with its own tokens and a strip mask. attn2 ms/step = seconds inside the 16 cross-attention "
+            "computations (timed in place); ID branch = that minus the 0-ID text attention.",
+            f"Linear fit: {slope * 1e3:.2f} ms per identity (+{intercept * 1e3:.2f} ms), r² = {r2:.3f}.",
+            TIMING_NOTE,
+        ],
+        data={"step": steps, "attn2": attn2, "probes": rig.probes["identities"],
+              "fit": {"intercept_s": intercept, "slope_s": slope, "r2": r2}},
+    )
