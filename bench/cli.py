@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.report import Section, format_report, machine_info, to_json, write_json
+from bench.report import Section, format_report, load_average, machine_info, to_json, write_json
 
 BENCHMARKS = ("step", "face", "memory", "scaling")
 DEFAULT_JSON = str(Path(__file__).resolve().parent / "results" / "latest.json")
@@ -72,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from bench.probe import MachineProbe, load_average
-
     sizes = (SMOKE if args.smoke else FULL).with_rounds(args.rounds)
-    probe = MachineProbe()
-    probe.calibrate()
     load_at_start = load_average()
     progress = lambda message: print(message, flush=True)  # noqa: E731
     progress(f"ConsistentID benchmarks ({sizes.name} sizes): {', '.join(args.benchmarks)}; "
@@ -96,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import step, step_tables
 
         progress("[step] building models")
-        rig = step.StepRig.build(comfy, sizes, probe, progress)
+        rig = step.StepRig.build(comfy, sizes, progress)
         if "step" in wanted:
             done([step_tables.step_section(rig, progress)])
         if "scaling" in wanted:
@@ -108,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import face
 
         progress("[face] building models")
-        done(face.run(comfy, sizes, probe, progress))
+        done(face.run(comfy, sizes, progress))
     if "memory" in wanted:
         from bench import memory
 
@@ -121,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks": wanted, "comfyui": str(comfy.root), "wall_seconds": wall,
         "malloc_tuning": {k: os.environ.get(k) for k in MALLOC_TUNING},
         "load_average_1min": {"start": load_at_start, "end": load_average()},
-        "probe_fastest_s": probe.fastest,
     })
     write_json(args.json, to_json(sections, meta))
     print("\n# Results\n\n" + format_report(sections, wall), flush=True)
     print(f"1-minute load average: {load_at_start:.1f} at start, {load_average():.1f} at the end "
-          f"({os.cpu_count()} CPUs); quietest load probe {probe.fastest * 1e3:.1f} ms")
+          f"({os.cpu_count()} CPUs)")
     print(f"JSON: {Path(args.json).resolve()}")
     return 0

@@ -21,8 +21,8 @@ import torch
 from bench import stats
 from bench.models import Sizes, build_adapter, build_clip_vision, build_face_analyzer, build_face_parser
 from bench.original_face import original_face_features
-from bench.probe import MachineProbe
 from bench.report import Section, Target
+from bench.step import cpu_share_options, round_reporter
 
 NODE_ID = "ConsistentID_EncodeFace"
 PROVIDER_PREFIX = "ConsistentIDBench_"
@@ -182,7 +182,7 @@ LABELS = {
 }
 
 
-def run(comfy, sizes: Sizes, probe: MachineProbe, progress: Callable[[str], None] = print) -> list[Section]:
+def run(comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> list[Section]:
     started = time.perf_counter()
     rig = FaceRig.build(comfy, sizes)
     progress(f"  built CLIP vision, BiSeNet, InsightFace (tiny pack) and the adapter in {time.perf_counter() - started:.0f} s")
@@ -200,15 +200,14 @@ def run(comfy, sizes: Sizes, probe: MachineProbe, progress: Callable[[str], None
     with torch.inference_mode():
         variants = {name: timed(name, fn) for name, fn in rig.variants().items()}
         progress(f"  {', '.join(variants)}: {sizes.face_rounds} rounds (the graph run above was the warm-up)")
-        probes: list[float] = []
+        shares: list[float] = []
         samples = stats.run_interleaved(
-            variants, sizes.face_rounds, warmup=0, probe=probe, probes=probes,
-            on_round=lambda r, t: progress(f"    round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
-                                           + f" (load probe x{probes[-1] / probe.fastest:.1f})"),
+            variants, sizes.face_rounds, warmup=0, on_round=round_reporter(progress, shares),
+            **cpu_share_options(shares),
         )
-    quiet = stats.quiet_rounds(probes, probe.fastest)
+    quiet = stats.quiet_rounds(shares)
     section = face_section(samples, work, runs, len(results["original"]["regions"]), quiet)
-    section.data["probes"] = probes
+    section.data["cpu_shares"] = shares
     return [section]
 
 
@@ -216,23 +215,24 @@ def face_section(
     samples: dict[str, list[float]], work: dict[str, list[ClipCount]], runs: list[dict], regions: int,
     quiet: list[int] | None = None,
 ) -> Section:
-    pick = quiet or range(len(samples["original"]))
-    original = min(samples["original"][i] for i in pick)
+    pick = quiet or list(range(len(samples["original"])))
+    original = stats.median_of(samples["original"], quiet)
     rows = []
     for name in ("original", "ours"):
-        fastest = min(pick, key=samples[name].__getitem__)
-        count, total = work[name][fastest], samples[name][fastest]
-        rows.append([LABELS[name], f"{len(quiet or [])}/{len(samples[name])}", total, count.calls, count.images,
-                     count.seconds, total - count.seconds, stats.fastest_ratio(samples, name, "original", quiet),
-                     stats.ratio(samples, name, "original")])
+        clip_s = stats.median([work[name][i].seconds for i in pick])
+        total = stats.median_of(samples[name], quiet)
+        last = work[name][pick[-1]]
+        rows.append([LABELS[name], f"{len(quiet or [])}/{len(samples[name])}", total, last.calls, last.images,
+                     clip_s, total - clip_s, stats.ratio(samples, name, "original", quiet),
+                     stats.fastest_ratio(samples, name, "original", quiet)])
     first, repeat = runs
     rows.append(["ours, same image again (ComfyUI output cache)", "1 run", repeat["wall_s"], repeat["clip_calls"],
                  repeat["clip_images"], 0.0, repeat["wall_s"], repeat["wall_s"] / original, None])
     # The package's uncond cache shows as fewer CLIP images than the first (cold) encode of this CLIP model.
     uncond_cached = work["ours"][-1].images < first["clip_images"]
-    per_image = min(work["original"][i].seconds / work["original"][i].images for i in pick)
+    per_image = stats.median([work["original"][i].seconds / work["original"][i].images for i in pick])
     targets = [
-        Target("face encode: ours/original", stats.fastest_ratio(samples, "ours", "original", quiet), 0.5),
+        Target("face encode: ours/original", stats.ratio(samples, "ours", "original", quiet), 0.5),
         Target("face encode: repeat / first graph run", repeat["wall_s"] / first["wall_s"], 0.01),
     ]
     notes = [
@@ -241,8 +241,8 @@ def face_section(
         "InsightFace runs its own code on the tiny test pack (real buffalo_l absent); with real weights both "
         "paths add the same detector + ArcFace time (one image each).",
         f"CLIP-ViT-H: {per_image:.2f} s per image on this machine; 'other s' = parsing, regions, crops, InsightFace, "
-        "ID projection. Fastest run over the quiet rounds (all rounds when none was quiet); 'median' = median "
-        "of per-round ratios.",
+        "ID projection. Medians over the quiet rounds (CPU share >= 85%; all rounds when none was quiet); "
+        "'fastest' = ratio of the fastest runs.",
         f"Graph run 1 (cold, ComfyUI's executor): {first['wall_s']:.2f} s, {first['clip_images']} CLIP images; run 2 "
         f"with unchanged inputs: Encode Face {'re-executed' if repeat['encode_executed'] else 'not executed (output cache)'}, "
         f"{repeat['wall_s'] * 1e3:.1f} ms.",
@@ -256,7 +256,7 @@ def face_section(
         name="face",
         title="Face encoding (one reference photo → CONSISTENTID_FACE, CLIP-ViT-H on CPU)",
         columns=["path", "quiet", "s/encode", "CLIP calls", "CLIP images", "CLIP s", "other s", "vs original",
-                 "vs original median"],
+                 "vs original fastest"],
         rows=rows,
         targets=targets,
         notes=notes,

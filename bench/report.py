@@ -127,6 +127,15 @@ def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return info
 
 
+def load_average() -> float:
+    """1-minute load average (``/proc/loadavg``), or NaN where there is none."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as handle:
+            return float(handle.read().split()[0])
+    except OSError:
+        return float("nan")
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:

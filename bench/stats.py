@@ -1,13 +1,13 @@
-"""Timing on a noisy machine: interleaved rounds, fastest runs, medians, paired ratios.
+"""Timing on a noisy machine: interleaved rounds, quiet rounds, medians of paired ratios.
 
 Every round runs each variant once, in an order rotated by one place per round, so slow phases of
-the machine (other tenants, thermal state, page-cache churn) fall on every variant alike.
-
-Two estimates of a ratio are kept. The headline one compares each variant's *fastest* run: load
-from other processes only ever adds time, and it does not add it evenly (a variant that moves more
-memory suffers more from a neighbour's memory traffic), so on a shared machine the minima are the
-best estimate of what the code costs (the argument of Python's ``timeit``). The median over rounds
-of the per-round ratio is reported beside it; the two agree on a quiet machine.
+the machine (other tenants, thermal state, page-cache churn) fall on every variant alike. The CPU
+share of every call (process CPU time over wall time and threads) marks the rounds that ran on a
+quiet machine; the headline ratio is the median over those rounds of the per-round ratio (all rounds when none was
+quiet), which cancels slow drift that a ratio of medians keeps. Load from other processes does not
+slow every variant alike (with oversubscribed cores each extra operation pays a thread
+synchronisation), so ratios from loaded rounds are biased, not just noisy. The ratio of the
+fastest runs is kept as a cross-check; it is fragile when one variant never got a quiet run.
 """
 
 from __future__ import annotations
@@ -42,14 +42,16 @@ def run_interleaved(
     warmup: int = 1,
     clock: Clock = time.perf_counter,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
-    probe: Callable[[], float] | None = None,
-    probes: list[float] | None = None,
+    cpu_clock: Clock | None = None,
+    threads: int = 1,
+    shares: list[float] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant over ``rounds`` interleaved rounds (after ``warmup`` untimed ones).
 
     ``on_round(r, {name: seconds})`` is called after each timed round (progress output). With a
-    ``probe`` (seconds of a fixed small workload), the slower of its runs before and after each
-    round is appended to ``probes``: how loaded the machine was during that round.
+    ``cpu_clock`` (process CPU seconds, all threads), the lowest *CPU share* of the round's calls,
+    CPU seconds / (wall seconds · ``threads``), is appended to ``shares``: close to 1 when the
+    process had its cores to itself, lower when other processes took them.
     """
     if rounds < 1:
         raise ValueError(f"need at least one timed round, got {rounds}")
@@ -58,15 +60,16 @@ def run_interleaved(
             variants[name]()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for index, order in enumerate(rotated_orders(list(variants), rounds)):
-        before = probe() if probe is not None else 0.0
-        this_round = {}
+        this_round, lowest_share = {}, float("inf")
         for name in order:
-            start = clock()
+            start, cpu_start = clock(), cpu_clock() if cpu_clock else 0.0
             variants[name]()
             this_round[name] = clock() - start
             samples[name].append(this_round[name])
-        if probe is not None and probes is not None:
-            probes.append(max(before, probe()))
+            if cpu_clock is not None and this_round[name] > 0:
+                lowest_share = min(lowest_share, (cpu_clock() - cpu_start) / (this_round[name] * threads))
+        if cpu_clock is not None and shares is not None:
+            shares.append(lowest_share)
         if on_round is not None:
             on_round(index, this_round)
     return samples
@@ -79,23 +82,35 @@ def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> l
     return [a / b for a, b in zip(numerator, denominator)]
 
 
-def ratio(samples: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> float:
-    """Median of the per-round ratios of two variants measured by :func:`run_interleaved`."""
-    return median(paired_ratios(samples[numerator], samples[denominator]))
+def ratio(
+    samples: Mapping[str, Sequence[float]], numerator: str, denominator: str, rounds: Sequence[int] | None = None
+) -> float:
+    """Median of the per-round ratios of two variants measured by :func:`run_interleaved` (the
+    headline estimate), over the given ``rounds`` only (e.g. :func:`quiet_rounds`) or all of them."""
+    ratios = paired_ratios(samples[numerator], samples[denominator])
+    return median([ratios[i] for i in rounds] if rounds else ratios)
+
+
+def median_of(values: Sequence[float], rounds: Sequence[int] | None = None) -> float:
+    """Median of one variant's samples over the given rounds (all when none are given)."""
+    return median([values[i] for i in rounds] if rounds else values)
 
 
 def fastest_ratio(
     samples: Mapping[str, Sequence[float]], numerator: str, denominator: str, rounds: Sequence[int] | None = None
 ) -> float:
-    """Ratio of the two variants' fastest runs (the headline estimate, see the module docstring),
-    over the given ``rounds`` only (e.g. :func:`quiet_rounds`) or all of them."""
+    """Ratio of the two variants' fastest runs (a cross-check, see the module docstring), over the
+    given ``rounds`` only (e.g. :func:`quiet_rounds`) or all of them."""
     pick = range(len(samples[numerator])) if not rounds else rounds
     return min(samples[numerator][i] for i in pick) / min(samples[denominator][i] for i in pick)
 
 
-def quiet_rounds(probes: Sequence[float], reference: float, tolerance: float = 1.3) -> list[int]:
-    """Rounds whose load probe stayed within ``tolerance`` of ``reference`` (the probe's fastest run)."""
-    return [i for i, value in enumerate(probes) if value <= tolerance * reference]
+QUIET_CPU_SHARE = 0.85  # quiet steps measure 0.96-0.99 here; one competing busy process gives about 0.6
+
+
+def quiet_rounds(shares: Sequence[float], threshold: float = QUIET_CPU_SHARE) -> list[int]:
+    """Rounds in which every call kept at least ``threshold`` of its cores (see :func:`run_interleaved`)."""
+    return [i for i, share in enumerate(shares) if share >= threshold]
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

@@ -18,7 +18,6 @@ import torch
 
 from bench import stats
 from bench.models import Sizes, build_adapter, build_unet, id_tokens
-from bench.probe import MachineProbe
 from bench.unmerged import apply_runtime_lora, install_runtime_id_attention
 
 BATCH_CHUNKS = [1, 0]  # uncond, cond: the order ComfyUI's calc_cond_batch was seen to use
@@ -92,6 +91,20 @@ def text_only_attn2(q, k, v, extra_options):
     )
 
 
+def cpu_share_options(shares: list[float]) -> dict[str, Any]:
+    """``run_interleaved`` options that record each round's lowest CPU share into ``shares``."""
+    return {"cpu_clock": time.process_time, "threads": torch.get_num_threads(), "shares": shares}
+
+
+def round_reporter(progress: Callable[[str], None], shares: list[float], suffix: str = "") -> Callable:
+    """Progress line per round: each call's seconds and the round's lowest CPU share."""
+    def report(index: int, times: dict) -> None:
+        calls = ", ".join(f"{name}{suffix} {seconds:.2f} s" for name, seconds in times.items())
+        progress(f"    round {index + 1}: {calls} (CPU share {shares[-1]:.2f})")
+
+    return report
+
+
 def strip_mask(index: int, count: int, size: int = 64) -> torch.Tensor:
     """(size, size) mask, 1 on vertical strip ``index`` of ``count`` (one person per strip)."""
     mask = torch.zeros(size, size)
@@ -110,13 +123,12 @@ class StepRig:
     patchers: dict[str, Any]
     identity_patchers: dict[int, Any]
     sigma: float
-    probe: MachineProbe
     check: dict[str, float] = field(default_factory=dict)
     measured: dict[int, dict[str, list[float]]] = field(default_factory=dict)
-    probes: dict[Any, list[float]] = field(default_factory=dict)  # per comparison: load probe per round
+    shares: dict[Any, list[float]] = field(default_factory=dict)  # per comparison: lowest CPU share per round
 
     @classmethod
-    def build(cls, comfy, sizes: Sizes, probe: MachineProbe, progress: Callable[[str], None] = print) -> "StepRig":
+    def build(cls, comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> "StepRig":
         patch = comfy.our("patch")
         started = time.perf_counter()
         plain = build_unet(sizes.unet, seed=0)
@@ -148,7 +160,7 @@ class StepRig:
             identity_patchers[count] = chained
         sigma = float(plain.get_model_object("model_sampling").percent_to_sigma(0.5))
         rig = cls(comfy, sizes, adapter, {"plain": plain, "patched": patched, "unmerged": unmerged}, identity_patchers,
-                  sigma, probe)
+                  sigma)
         rig.check_outputs(min(sizes.unmerged_resolutions))
         progress(
             f"  setup {time.perf_counter() - started:.0f} s; unmerged stand-in matches the patched model to "
@@ -185,24 +197,21 @@ class StepRig:
         calls = {name: (lambda p=self.patchers[name]: forward(p, inputs)) for name in variants}
         rounds = self.sizes.rounds_for(px)
         progress(f"  {px} px: {', '.join(variants)}; {self.sizes.warmup} warm-up + {rounds} rounds")
-        self.probes[px] = []
+        self.shares[px] = []
         samples = stats.run_interleaved(
-            calls, rounds, self.sizes.warmup, on_round=self._report(progress, self.probes[px]),
-            probe=self.probe, probes=self.probes[px],
+            calls, rounds, self.sizes.warmup, on_round=self._report(progress, self.shares[px]),
+            **cpu_share_options(self.shares[px]),
         )
         self.measured[px] = samples
         return samples
 
-    def _report(self, progress: Callable[[str], None], probes: list[float], suffix: str = "") -> Callable:
-        def report(index: int, times: dict) -> None:
-            calls = ", ".join(f"{name}{suffix} {seconds:.2f} s" for name, seconds in times.items())
-            progress(f"    round {index + 1}: {calls} (load probe x{probes[-1] / self.probe.fastest:.1f})")
-
-        return report
+    @staticmethod
+    def _report(progress: Callable[[str], None], shares: list[float], suffix: str = "") -> Callable:
+        return round_reporter(progress, shares, suffix)
 
     def quiet(self, key: Any) -> list[int]:
         """Rounds of one comparison that ran on a quiet machine (empty: none did)."""
-        return stats.quiet_rounds(self.probes.get(key, []), self.probe.fastest)
+        return stats.quiet_rounds(self.shares.get(key, []))
 
     def measure_identities(self, progress: Callable[[str], None] = print) -> dict[str, dict[int, list[float]]]:
         """Step time and seconds inside attn2 per step, for each number of identities."""
@@ -225,11 +234,11 @@ class StepRig:
 
         rounds = self.sizes.identity_rounds
         progress(f"  {px} px, identities {list(self.identity_patchers)}; {self.sizes.warmup} warm-up + {rounds} rounds")
-        self.probes["identities"] = []
+        self.shares["identities"] = []
         steps = stats.run_interleaved(
             {count: call(count) for count in self.identity_patchers}, rounds, self.sizes.warmup,
-            on_round=self._report(progress, self.probes["identities"], " IDs"),
-            probe=self.probe, probes=self.probes["identities"],
+            on_round=self._report(progress, self.shares["identities"], " IDs"),
+            **cpu_share_options(self.shares["identities"]),
         )
         skip = self.sizes.warmup  # warm-up calls appended attn2 samples too
         return {"step": steps, "attn2": {count: values[skip:] for count, values in attn2.items()}}

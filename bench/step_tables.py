@@ -9,14 +9,10 @@ from bench.report import Section, Target
 from bench.step import VARIANTS, StepRig
 
 TIMING_NOTE = (
-    "Times and headline ratios: each variant's fastest run over the quiet rounds ('quiet' = rounds whose "
-    "load probe stayed within 1.3x of its quietest; all rounds when none was quiet). 'median' = median of "
-    "per-round ratios over all N rounds. Rounds are interleaved in rotating order."
+    "N interleaved rounds in rotating order; 'quiet' = rounds in which every call kept >= 85% of its 2 cores "
+    "(process CPU time / wall time); times are medians and ratios medians of per-round ratios over the quiet "
+    "rounds (over all rounds when none was quiet); 'fastest' = ratio of the fastest runs, a cross-check."
 )
-
-
-def fastest(values: Sequence[float], rounds: Sequence[int]) -> float:
-    return min(values[i] for i in rounds) if rounds else min(values)
 
 
 def quiet_label(quiet: Sequence[int], total: int) -> str:
@@ -24,27 +20,26 @@ def quiet_label(quiet: Sequence[int], total: int) -> str:
 
 
 def step_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
-    rows, targets, data = [], [], {"check": rig.check, "samples": {}, "probes": {}, "probe_fastest": None}
+    rows, targets, data = [], [], {"check": rig.check, "samples": {}, "cpu_shares": {}}
     for px in rig.sizes.unmerged_resolutions:
         samples = rig.measure(px, VARIANTS, progress)
         quiet = rig.quiet(px)
         data["samples"][px] = {name: samples[name] for name in VARIANTS}
-        data["probes"][px] = rig.probes[px]
-        over_plain = stats.fastest_ratio(samples, "patched", "plain", quiet)
-        over_unmerged = stats.fastest_ratio(samples, "patched", "unmerged", quiet)
+        data["cpu_shares"][px] = rig.shares[px]
+        over_plain = stats.ratio(samples, "patched", "plain", quiet)
+        over_unmerged = stats.ratio(samples, "patched", "unmerged", quiet)
         rows.append([
-            px, quiet_label(quiet, len(samples["plain"])), *(fastest(samples[name], quiet) for name in VARIANTS),
-            over_plain, over_unmerged, stats.fastest_ratio(samples, "unmerged", "plain", quiet),
-            stats.ratio(samples, "patched", "plain"), stats.ratio(samples, "patched", "unmerged"),
+            px, quiet_label(quiet, len(samples["plain"])), *(stats.median_of(samples[name], quiet) for name in VARIANTS),
+            over_plain, over_unmerged, stats.ratio(samples, "unmerged", "plain", quiet),
+            stats.fastest_ratio(samples, "patched", "plain", quiet), stats.fastest_ratio(samples, "patched", "unmerged", quiet),
         ])
         targets.append(Target(f"step {px} px: patched/plain", over_plain, 1.05))
         targets.append(Target(f"step {px} px: patched/unmerged", over_unmerged, 0.90))
-    data["probe_fastest"] = rig.probe.fastest
     return Section(
         name="step",
         title="Sampling step (SD1.5 UNet, batch 2 = cond + uncond, s per step)",
         columns=["px", "quiet", "plain s", "patched s", "unmerged s", "patched/plain", "patched/unmerged",
-                 "unmerged/plain", "patched/plain median", "patched/unmerged median"],
+                 "unmerged/plain", "patched/plain fastest", "patched/unmerged fastest"],
         rows=rows,
         targets=targets,
         notes=[
@@ -61,22 +56,22 @@ def step_section(rig: StepRig, progress: Callable[[str], None] = print) -> Secti
 
 
 def resolution_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
-    rows, data = [], {"samples": {}, "probes": {}}
+    rows, data = [], {"samples": {}, "cpu_shares": {}}
     base = None
     for px in rig.sizes.scaling_resolutions:
         samples = rig.measure(px, ("plain", "patched"), progress)
         quiet = rig.quiet(px)
         data["samples"][px] = {name: samples[name] for name in ("plain", "patched")}
-        data["probes"][px] = rig.probes[px]
-        plain = fastest(samples["plain"], quiet)
+        data["cpu_shares"][px] = rig.shares[px]
+        plain = stats.median_of(samples["plain"], quiet)
         base = base or plain
         rows.append([px, (px // 8) ** 2, quiet_label(quiet, len(samples["plain"])), plain,
-                     fastest(samples["patched"], quiet), stats.fastest_ratio(samples, "patched", "plain", quiet),
-                     stats.ratio(samples, "patched", "plain"), plain / base])
+                     stats.median_of(samples["patched"], quiet), stats.ratio(samples, "patched", "plain", quiet),
+                     stats.fastest_ratio(samples, "patched", "plain", quiet), plain / base])
     return Section(
         name="scaling_resolution",
         title="Scaling with resolution (s per step, batch 2)",
-        columns=["px", "latent tokens", "quiet", "plain s", "patched s", "patched/plain", "patched/plain median",
+        columns=["px", "latent tokens", "quiet", "plain s", "patched s", "patched/plain", "patched/plain fastest",
                  "plain vs smallest"],
         rows=rows,
         notes=["The ID branch adds one attention over 4 tokens per cross-attention layer, linear in latent "
@@ -93,14 +88,15 @@ def identity_section(rig: StepRig, progress: Callable[[str], None] = print) -> S
     counts = sorted(steps)
     rows, branch = [], {}
     for count in counts:
-        step = fastest(steps[count], quiet)
-        branch[count] = fastest(attn2[count], quiet) - fastest(attn2[0], quiet)
-        rows.append([count, quiet_label(quiet, len(steps[count])), step, stats.fastest_ratio(steps, count, 0, quiet),
-                     fastest(attn2[count], quiet) * 1e3, branch[count] * 1e3, branch[count] / step])
+        step = stats.median_of(steps[count], quiet)
+        # Paired per round (same round, same machine state), then the median over the quiet rounds.
+        branch[count] = stats.median_of([a - b for a, b in zip(attn2[count], attn2[0])], quiet)
+        rows.append([count, quiet_label(quiet, len(steps[count])), step, stats.ratio(steps, count, 0, quiet),
+                     stats.median_of(attn2[count], quiet) * 1e3, branch[count] * 1e3, branch[count] / step])
     intercept, slope, r2 = stats.linear_fit(counts, [branch[c] for c in counts])
     most = max(counts)
     targets = [
-        Target(f"ID branch, {most} identities, share of a step", branch[most] / fastest(steps[most], quiet), 0.05),
+        Target(f"ID branch, {most} identities, share of a step", branch[most] / stats.median_of(steps[most], quiet), 0.05),
         Target("ID branch vs identities: linear fit r²", r2, 0.95, ">="),
     ]
     return Section(
@@ -113,10 +109,10 @@ def identity_section(rig: StepRig, progress: Callable[[str], None] = print) -> S
         notes=[
             "0 IDs = the same merged-LoRA weights without ID patches; each identity is one more patch_model "
             "with its own tokens and a strip mask. attn2 ms/step = seconds inside the 16 cross-attention "
-            "computations (timed in place); ID branch = that minus the 0-ID text attention.",
+            "computations (timed in place); ID branch = that minus the 0-ID text attention of the same round.",
             f"Linear fit: {slope * 1e3:.2f} ms per identity (+{intercept * 1e3:.2f} ms), r² = {r2:.3f}.",
             TIMING_NOTE,
         ],
-        data={"step": steps, "attn2": attn2, "probes": rig.probes["identities"],
+        data={"step": steps, "attn2": attn2, "cpu_shares": rig.shares["identities"],
               "fit": {"intercept_s": intercept, "slope_s": slope, "r2": r2}},
     )

@@ -75,22 +75,32 @@ def test_linear_fit_of_scattered_points_has_low_r2():
     assert r2 < 0.5
 
 
-def test_fastest_ratio_ignores_rounds_slowed_by_other_load():
-    """Load only adds time: the fastest runs give the intrinsic ratio (here 1.05) despite a slow round."""
+def test_fastest_ratio_compares_the_fastest_runs():
+    """The cross-check: each variant's fastest run, whichever round it came from."""
     samples = {"patched": [1.05, 9.0, 1.2], "unmerged": [1.0, 4.0, 1.1]}
     assert stats.fastest_ratio(samples, "patched", "unmerged") == pytest.approx(1.05)
 
 
-def test_probe_runs_around_every_timed_round_and_keeps_the_slower():
-    values = iter([1.0, 3.0, 2.0, 1.5])
-    probes = []
-    stats.run_interleaved({"x": lambda: None}, rounds=2, warmup=1, probe=lambda: next(values), probes=probes)
-    assert probes == [3.0, 2.0]
+def test_cpu_share_per_round_is_the_lowest_of_its_calls():
+    """CPU seconds / (wall seconds · threads): 1.0 when the process had its cores, less when it did not."""
+    wall = itertools.count()
+    cpu = iter([0.0, 2.0, 2.0, 3.0, 10.0, 12.0, 12.0, 14.0])  # per call: 2 s, 1 s, 2 s, 2 s of CPU in 1 s wall
+    shares = []
+    stats.run_interleaved({"a": lambda: None, "b": lambda: None}, rounds=2, warmup=0,
+                          clock=lambda: float(next(wall)), cpu_clock=lambda: next(cpu), threads=2, shares=shares)
+    assert shares == [0.5, 1.0]
 
 
-def test_quiet_rounds_are_those_near_the_quietest_probe():
-    assert stats.quiet_rounds([1.0, 1.2, 5.0, 1.4], reference=1.0, tolerance=1.3) == [0, 1]
-    assert stats.quiet_rounds([5.0, 6.0], reference=1.0) == []
+def test_quiet_rounds_keep_their_cores():
+    assert stats.quiet_rounds([0.97, 0.6, 0.9, 0.84]) == [0, 2]
+    assert stats.quiet_rounds([0.5, 0.6]) == []
+
+
+def test_ratio_over_selected_rounds():
+    samples = {"a": [1.0, 9.0, 2.2], "b": [1.0, 3.0, 2.0]}
+    assert stats.ratio(samples, "a", "b", [0, 2]) == pytest.approx(1.05)
+    assert stats.ratio(samples, "a", "b", []) == pytest.approx(1.1)  # none selected: all rounds
+    assert stats.median_of([3.0, 1.0, 2.0], [0, 1]) == 2.0
 
 
 def test_fastest_ratio_over_selected_rounds():
