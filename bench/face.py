@@ -203,7 +203,7 @@ def run(comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> list[Se
         shares: list[float] = []
         samples = stats.run_interleaved(
             variants, sizes.face_rounds, warmup=0, on_round=round_reporter(progress, shares),
-            **cpu_share_options(shares),
+            **cpu_share_options(shares, sizes.face_rounds),
         )
     quiet = stats.quiet_rounds(shares)
     section = face_section(samples, work, runs, len(results["original"]["regions"]), quiet)
@@ -241,7 +241,7 @@ def face_section(
         "InsightFace runs its own code on the tiny test pack (real buffalo_l absent); with real weights both "
         "paths add the same detector + ArcFace time (one image each).",
         f"CLIP-ViT-H: {per_image:.2f} s per image on this machine; 'other s' = parsing, regions, crops, InsightFace, "
-        "ID projection. Medians over the quiet rounds (CPU share >= 85%; all rounds when none was quiet); "
+        "ID projection. Medians over the quiet rounds (CPU share >= 93%; all rounds when none was quiet); "
         "'fastest' = ratio of the fastest runs.",
         f"Graph run 1 (cold, ComfyUI's executor): {first['wall_s']:.2f} s, {first['clip_images']} CLIP images; run 2 "
         f"with unchanged inputs: Encode Face {'re-executed' if repeat['encode_executed'] else 'not executed (output cache)'}, "

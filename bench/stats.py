@@ -45,21 +45,29 @@ def run_interleaved(
     cpu_clock: Clock | None = None,
     threads: int = 1,
     shares: list[float] | None = None,
+    min_quiet: int = 0,
+    max_rounds: int | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant over ``rounds`` interleaved rounds (after ``warmup`` untimed ones).
 
     ``on_round(r, {name: seconds})`` is called after each timed round (progress output). With a
     ``cpu_clock`` (process CPU seconds, all threads), the lowest *CPU share* of the round's calls,
     CPU seconds / (wall seconds · ``threads``), is appended to ``shares``: close to 1 when the
-    process had its cores to itself, lower when other processes took them.
+    process had its cores to itself, lower when other processes took them. Then, while fewer than
+    ``min_quiet`` rounds were quiet (:func:`quiet_rounds`), more rounds run, up to ``max_rounds``.
     """
     if rounds < 1:
         raise ValueError(f"need at least one timed round, got {rounds}")
-    for order in rotated_orders(list(variants), warmup):
+    names = list(variants)
+    for order in rotated_orders(names, warmup):
         for name in order:
             variants[name]()
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for index, order in enumerate(rotated_orders(list(variants), rounds)):
+    shares = [] if shares is None else shares
+    limit = max(rounds, max_rounds or rounds)
+    for index, order in enumerate(rotated_orders(names, limit)):
+        if index >= rounds and (cpu_clock is None or len(quiet_rounds(shares)) >= min_quiet):
+            break
         this_round, lowest_share = {}, float("inf")
         for name in order:
             start, cpu_start = clock(), cpu_clock() if cpu_clock else 0.0
@@ -68,7 +76,7 @@ def run_interleaved(
             samples[name].append(this_round[name])
             if cpu_clock is not None and this_round[name] > 0:
                 lowest_share = min(lowest_share, (cpu_clock() - cpu_start) / (this_round[name] * threads))
-        if cpu_clock is not None and shares is not None:
+        if cpu_clock is not None:
             shares.append(lowest_share)
         if on_round is not None:
             on_round(index, this_round)
@@ -105,7 +113,7 @@ def fastest_ratio(
     return min(samples[numerator][i] for i in pick) / min(samples[denominator][i] for i in pick)
 
 
-QUIET_CPU_SHARE = 0.85  # quiet steps measure 0.96-0.99 here; one competing busy process gives about 0.6
+QUIET_CPU_SHARE = 0.93  # quiet calls measure 0.96-0.99 here; contended 512 px steps 0.88-0.90, one busy process 0.6
 
 
 def quiet_rounds(shares: Sequence[float], threshold: float = QUIET_CPU_SHARE) -> list[int]:

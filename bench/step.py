@@ -91,9 +91,11 @@ def text_only_attn2(q, k, v, extra_options):
     )
 
 
-def cpu_share_options(shares: list[float]) -> dict[str, Any]:
-    """``run_interleaved`` options that record each round's lowest CPU share into ``shares``."""
-    return {"cpu_clock": time.process_time, "threads": torch.get_num_threads(), "shares": shares}
+def cpu_share_options(shares: list[float], rounds: int) -> dict[str, Any]:
+    """``run_interleaved`` options that record each round's lowest CPU share into ``shares`` and add
+    rounds (up to twice ``rounds``) until a majority of ``rounds`` ran on a quiet machine."""
+    return {"cpu_clock": time.process_time, "threads": torch.get_num_threads(), "shares": shares,
+            "min_quiet": rounds // 2 + 1, "max_rounds": 2 * rounds}
 
 
 def round_reporter(progress: Callable[[str], None], shares: list[float], suffix: str = "") -> Callable:
@@ -200,7 +202,7 @@ class StepRig:
         self.shares[px] = []
         samples = stats.run_interleaved(
             calls, rounds, self.sizes.warmup, on_round=self._report(progress, self.shares[px]),
-            **cpu_share_options(self.shares[px]),
+            **cpu_share_options(self.shares[px], rounds),
         )
         self.measured[px] = samples
         return samples
@@ -238,7 +240,7 @@ class StepRig:
         steps = stats.run_interleaved(
             {count: call(count) for count in self.identity_patchers}, rounds, self.sizes.warmup,
             on_round=self._report(progress, self.shares["identities"], " IDs"),
-            **cpu_share_options(self.shares["identities"]),
+            **cpu_share_options(self.shares["identities"], rounds),
         )
         skip = self.sizes.warmup  # warm-up calls appended attn2 samples too
         return {"step": steps, "attn2": {count: values[skip:] for count, values in attn2.items()}}

@@ -9,8 +9,8 @@ from bench.report import Section, Target
 from bench.step import VARIANTS, StepRig
 
 TIMING_NOTE = (
-    "N interleaved rounds in rotating order; 'quiet' = rounds in which every call kept >= 85% of its 2 cores "
-    "(process CPU time / wall time); times are medians and ratios medians of per-round ratios over the quiet "
+    "Interleaved rounds in rotating order; 'quiet' = rounds in which every call kept >= 93% of its 2 cores "
+    "(process CPU time / wall time; rounds are added, up to twice N, until most are quiet); times are medians and ratios medians of per-round ratios over the quiet "
     "rounds (over all rounds when none was quiet); 'fastest' = ratio of the fastest runs, a cross-check."
 )
 

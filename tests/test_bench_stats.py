@@ -92,8 +92,27 @@ def test_cpu_share_per_round_is_the_lowest_of_its_calls():
 
 
 def test_quiet_rounds_keep_their_cores():
-    assert stats.quiet_rounds([0.97, 0.6, 0.9, 0.84]) == [0, 2]
+    assert stats.quiet_rounds([0.97, 0.6, 0.95, 0.9]) == [0, 2]
     assert stats.quiet_rounds([0.5, 0.6]) == []
+
+
+def test_rounds_are_added_until_most_are_quiet():
+    """Two loaded rounds (CPU share 0.5), then quiet ones: runs on until 2 quiet rounds, at most 6."""
+    wall = itertools.count()
+    cpu_per_call = iter([1.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # with 2 threads and 1 s calls: 0.5, 0.5, 1, 1, ...
+    total = [0.0]
+
+    def cpu() -> float:
+        return total[0]
+
+    def call() -> None:
+        total[0] += next(cpu_per_call)
+
+    shares = []
+    samples = stats.run_interleaved({"x": call}, rounds=2, warmup=0, clock=lambda: float(next(wall)),
+                                    cpu_clock=cpu, threads=2, shares=shares, min_quiet=2, max_rounds=6)
+    assert shares == [0.5, 0.5, 1.0, 1.0]
+    assert len(samples["x"]) == 4
 
 
 def test_ratio_over_selected_rounds():
