@@ -5,9 +5,9 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from consistentid.comfy_paths import ComfyLayout, parse_version, read_comfyui_version
-from consistentid.env_checks import PROBE_MODEL, OrtState, check_comfyui, diagnose_onnxruntime
-from consistentid.report import Level
+from consistentid_cli.comfy_paths import ComfyLayout, parse_version, read_comfyui_version
+from consistentid_cli.env_checks import PROBE_MODEL, OrtState, check_comfyui, diagnose_onnxruntime
+from consistentid_cli.report import Level
 
 CPU_ONLY = ["AzureExecutionProvider", "CPUExecutionProvider"]
 WITH_CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]

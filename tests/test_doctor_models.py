@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from consistentid.doctor import run_doctor
-from consistentid.report import Level, Report
+from consistentid_cli.doctor import run_doctor
+from consistentid_cli.report import Level, Report
 from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
 from tests.fixtures.tiny_adapter import make_tiny_adapter
 
@@ -276,12 +276,12 @@ def test_every_planted_mistake_reported_at_once(comfy):
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("COMFYUI_PATH", None)
-    return subprocess.run([sys.executable, "-m", "consistentid", "doctor", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "consistentid_cli", "doctor", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_cli_exit_code_and_fix_lines(comfy):
-    """`python -m consistentid doctor` exits 1 on a broken tree and prints the fix; 0 on a healthy one."""
+    """`python -m consistentid_cli doctor` exits 1 on a broken tree and prints the fix; 0 on a healthy one."""
     assert _cli("--comfyui", str(comfy), "--skip-environment").returncode == 0
     shutil.rmtree(comfy / "models" / "face_parsing")
     broken = _cli("--comfyui", str(comfy), "--skip-environment")

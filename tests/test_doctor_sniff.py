@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from consistentid.model_files import identify
-from consistentid.sniff import SniffError, TensorInfo, flatten, read_tensor_infos
+from consistentid_cli.model_files import identify
+from consistentid_cli.sniff import SniffError, TensorInfo, flatten, read_tensor_infos
 
 RELEASE_KEYS = Path(__file__).resolve().parent / "data" / "ckpt-keys-sd15.txt"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from consistentid import comfy_boot, runner
-from consistentid.__main__ import build_parser, main
-from consistentid.workflow import (
+from consistentid_cli import comfy_boot, runner
+from consistentid_cli.__main__ import build_parser, main
+from consistentid_cli.workflow import (
     WorkflowError, apply_overrides, format_execution_error, format_validation_errors, load_workflow, parse_override,
     parse_value,
 )

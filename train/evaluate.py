@@ -39,8 +39,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 # ----------------------------------------------------------------------------------------- generate
 def generate(args: argparse.Namespace) -> Path:
-    from consistentid.runner import _comfy_argv, _node_inputs, bootstrap_comfyui, run_workflow
-    from consistentid.workflow import apply_overrides, load_workflow, parse_override
+    from consistentid_cli.runner import _comfy_argv, _node_inputs, bootstrap_comfyui, run_workflow
+    from consistentid_cli.workflow import apply_overrides, load_workflow, parse_override
 
     bootstrap_comfyui(Path(args.comfyui), _comfy_argv(args), False)
     import folder_paths

@@ -1,4 +1,4 @@
-"""`python -m consistentid run` on the example workflows, in this process's ComfyUI with tiny models."""
+"""`python -m consistentid_cli run` on the example workflows, in this process's ComfyUI with tiny models."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import cid_workflows as wf
-from consistentid.__main__ import main
-from consistentid.runner import EXIT_FAILED, EXIT_USAGE
+from consistentid_cli.__main__ import main
+from consistentid_cli.runner import EXIT_FAILED, EXIT_USAGE
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""``python -m consistentid doctor``: is this ComfyUI ready for ConsistentID, and if not, what to fix.
+"""``python -m consistentid_cli doctor``: is this ComfyUI ready for ConsistentID, and if not, what to fix.
 
 Checks versions, ONNX Runtime's providers (and why CUDA is not used when it is not), the face
 libraries and every model file, reading file headers only. Exit code 1 when anything blocks

@@ -1,4 +1,4 @@
-"""``python -m consistentid {doctor,run} ...``: the command line (see ``docs/CLI.md``)."""
+"""``python -m consistentid_cli {doctor,run} ...``: the command line (see ``docs/CLI.md``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from . import doctor, runner
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m consistentid", description="ComfyUI-ConsistentID command line tools.")
+    parser = argparse.ArgumentParser(prog="python -m consistentid_cli", description="ComfyUI-ConsistentID command line tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{doctor,run}")
     doctor_parser = commands.add_parser(
         "doctor", help="check the install and every model file; says exactly what to fix",

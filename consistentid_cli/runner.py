@@ -1,6 +1,6 @@
-"""``python -m consistentid run``: an API-format workflow through ComfyUI's executor, no web server.
+"""``python -m consistentid_cli run``: an API-format workflow through ComfyUI's executor, no web server.
 
-ComfyUI is imported from its checkout (``--comfyui``) by :mod:`consistentid.comfy_boot`. Progress
+ComfyUI is imported from its checkout (``--comfyui``) by :mod:`consistentid_cli.comfy_boot`. Progress
 comes from ComfyUI's global progress-bar hook;
 images (SaveImage and PreviewImage) are written to ``--out``. A failing node is reported as one
 message (node id, class, exception), not a traceback; the exit code is then 1.
