@@ -15,7 +15,7 @@ from PIL import Image
 from consistentid_core.data import DataRoots, FGIDDataset, SampleOptions, read_fgid
 from tests.fixtures.clip_tokenizer import clip_tokenizer
 from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
-from tests.test_train_toy import one_thread  # noqa: F401  (autouse, module scope)
+from tests.fixtures.training import one_thread  # noqa: F401  (autouse, module scope)
 from train import prepare
 from train.synthetic import write_synthetic_set
 

@@ -13,10 +13,12 @@ from train.checkpointing import STATE_FILE, find_checkpoint, list_checkpoints
 from train.config import ConfigError, describe_defaults, load_config
 from train.export import export, release_state_dicts
 
+MODEL_FILES = ["model.checkpoint=m.safetensors", "model.clip_vision=c.safetensors"]
+
 
 def test_yaml_numbers_written_as_strings_are_numbers(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model: {kind: toy}\ndata: {json: x.json}\ntrain: {learning_rate: 1e-4, max_grad_norm: null}\n")
+    path.write_text("model: {checkpoint: m.safetensors, clip_vision: c.safetensors}\ndata: {json: x.json}\ntrain: {learning_rate: 1e-4, max_grad_norm: null}\n")
     config = load_config(path, ["train.batch_size=4", "train.adam_betas=[0.9, 0.99]"])
     assert config.train.learning_rate == 1e-4 and config.train.max_grad_norm is None
     assert config.train.batch_size == 4 and config.train.adam_betas == (0.9, 0.99)
@@ -29,22 +31,26 @@ def test_yaml_numbers_written_as_strings_are_numbers(tmp_path):
         (["train.batch_size=many"], "train.batch_size must be int"),
         (["train.mixed_precision=fp8"], "mixed_precision must be one of"),
         (["train.localization_attention=attn3"], "localization_attention must be one of"),
-        (["model.kind=comfy"], "model.checkpoint and model.clip_vision are required"),
+        (["model.checkpoint=null"], "model.checkpoint and model.clip_vision are required"),
+        (["train.on_shape_change=guess"], "on_shape_change must be one of"),
+        (["model.pairing=mirrored"], "pairing must be one of"),
+        (["train.ema_decay=1.0"], "ema_decay must be in"),
+        (["train.seed=-1"], "seed must be non-negative"),
         (["train.max_steps=0"], "at least 1"),
         (["oops"], "section.key=value"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["data.json=x.json", "model.kind=toy", *overrides])
+        load_config(None, ["data.json=x.json", *MODEL_FILES, *overrides])
 
 
 def test_json_configs_and_missing_data_are_reported(tmp_path):
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({"model": {"kind": "toy"}, "data": {"json": "a.json"}}))
+    path.write_text(json.dumps({"model": {"checkpoint": "m.safetensors", "clip_vision": "c.safetensors"}, "data": {"json": "a.json"}}))
     assert load_config(path).data.json == "a.json"
     with pytest.raises(ConfigError, match="data.json is required"):
-        load_config(None, ["model.kind=toy"])
+        load_config(None, MODEL_FILES)
 
 
 def test_defaults_reference_lists_every_key_with_its_doc():

@@ -90,7 +90,12 @@ def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     return found[-1] if found else None
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint: ``state`` (step, counters), ``shape`` (the run shape), ``config``."""
+    return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+
+
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     """Collective: restore accelerate's state and return ``trainer_state.json``."""
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return read_trainer_state(path)

@@ -24,8 +24,6 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: str = "comfy"
-    """``comfy``: a ComfyUI checkpoint through ComfyUI; ``toy``: tiny built-in models (smoke runs, CI)."""
     comfyui_path: str | None = None
     """ComfyUI checkout to import (default: the ``COMFYUI_PATH`` environment variable)."""
     checkpoint: str | None = None
@@ -37,17 +35,15 @@ class ModelConfig:
     setup_hooks: list[str] = field(default_factory=list)
     """``module:function`` callables run after ComfyUI is imported, before loading (e.g. register model configs)."""
     init_from: str | None = None
-    """Release or exported adapter to fine-tune; ``null`` = fresh adapter, ID k/v copied from the UNet's k/v."""
+    """ConsistentID release/export to fine-tune, or an IP-Adapter-FaceID-Plus SD1.5 file (ip-adapter-faceid-plus_sd15.bin, the paper's init: ID projection and ID k/v where shapes match); ``null`` = fresh adapter, ID k/v copied from the UNet's k/v."""
+    pairing: str = "original"
+    """Facial token ↔ region crop pairing: ``original`` (the release's: ears token gets the eye crop, left eye and upper lip only) or ``corrected`` (each token its own part, both eyes, both lips, both ears); stored in the exported adapter, which the nodes follow."""
     lora_rank: int = 128
     """LoRA rank of every attention layer (the release: 128)."""
     num_tokens: int = 4
     """ID tokens (the release: 4)."""
     adapter_dims: dict[str, Any] = field(default_factory=dict)
     """Extra ``ConsistentIDAdapter.create`` arguments (test-size models); normally empty."""
-    tokenizer: str | None = None
-    """Toy host only: folder of a transformers CLIPTokenizer (default: ComfyUI's comfy/sd1_tokenizer)."""
-    toy_seed: int = 0
-    """Toy host only: seed of its frozen random models."""
 
 
 @dataclass
@@ -83,6 +79,9 @@ class TrainConfig:
     output_dir: str = "runs/consistentid"
     """Checkpoints, logs, sample grids and the exported adapter go here."""
     seed: int = 0
+    """Data order, drops, noise and timesteps; per micro-batch from SeedSequence(seed, step, process, micro-step)."""
+    deterministic: bool = False
+    """Set torch's deterministic flags (use_deterministic_algorithms, cuDNN, cuBLAS workspace); see docs/TRAINING.md for where bit-for-bit resume holds."""
     batch_size: int = 8
     """Per process (GPU). Effective batch = batch_size × gradient_accumulation_steps × processes."""
     gradient_accumulation_steps: int = 1
@@ -108,11 +107,15 @@ class TrainConfig:
     localization_attention: str = "attn2"
     """``attn2``: cross-attention maps (the paper); ``attn1_original``: the original code's self-attention maps."""
     max_nonfinite_steps: int = 10
-    """Consecutive steps with a NaN/inf loss or gradient that are skipped before training stops."""
+    """Consecutive steps with a NaN/inf loss or gradient (on any process) that are skipped before training stops; fp16 loss-scale overflows do not count."""
+    ema_decay: float = 0.0
+    """EMA of the adapter weights (e.g. 0.9999; 0: off). Saved in checkpoints; exports and the final adapter use it."""
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: str | None = "auto"
     """``auto``: continue from the latest checkpoint in output_dir if any; a path; or ``null``."""
+    on_shape_change: str = "refuse"
+    """Resuming with other processes/batch size/accumulation/data size: ``refuse`` or ``remap`` (same epoch, next unused batch)."""
     log_every: int = 10
     log_with: str = "tensorboard"
     """``tensorboard``, ``wandb``, ``none`` (metrics.jsonl is always written)."""
@@ -135,7 +138,8 @@ class Config:
 
     def validate(self) -> None:
         choices = {
-            ("model", "kind"): ("comfy", "toy"),
+            ("model", "pairing"): ("original", "corrected"),
+            ("train", "on_shape_change"): ("refuse", "remap"),
             ("data", "clip_image"): ("image", "without_background"),
             ("data", "missing_id_embedding"): ("zeros", "skip", "error"),
             ("train", "lr_scheduler"): ("constant", "cosine", "linear"),
@@ -149,8 +153,12 @@ class Config:
                 raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}; got {value!r}")
         if not self.data.json:
             raise ConfigError("data.json is required: the FGID JSON file to train on")
-        if self.model.kind == "comfy" and not (self.model.checkpoint and self.model.clip_vision):
-            raise ConfigError("model.checkpoint and model.clip_vision are required with model.kind: comfy")
+        if not (self.model.checkpoint and self.model.clip_vision):
+            raise ConfigError("model.checkpoint and model.clip_vision are required (ComfyUI model files)")
+        if self.train.seed < 0:
+            raise ConfigError("train.seed must be non-negative")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise ConfigError("train.ema_decay must be in [0, 1): 0 turns the EMA off")
         for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1")

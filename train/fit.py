@@ -3,7 +3,8 @@
 One GPU or a laptop: ``python -m train.fit --config run.yaml``. Several GPUs or nodes: the same
 command under ``accelerate launch`` (DDP through Hugging Face accelerate); ``docs/TRAINING.md`` has
 the cluster recipes. Run it again with the same output folder and it resumes from the latest
-checkpoint, bit for bit.
+checkpoint (bit for bit where docs/TRAINING.md says so); a run of another shape is refused or
+re-mapped (``train.on_shape_change``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,14 @@ from consistentid_core.data import (
 )
 
 from .attention_patch import init_id_key_value_from_base
-from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .config import Config, ConfigError, load_config
 from .hosts import Host, make_host
+from .replicas import check_replicas
+from .run_shape import RunShape, resume_start_batch
 from .step import LossConfig, TrainingModule, step_generator
 from .tracking import MetricsLogger
+from .update import Outcome, apply_update
 
 logger = logging.getLogger("train.fit")
 
@@ -115,6 +120,20 @@ def make_accelerator(config: Config):
     )
 
 
+def set_deterministic(enabled: bool) -> None:
+    """torch's reproducibility switches (https://pytorch.org/docs/stable/notes/randomness.html).
+
+    Ops without a deterministic kernel warn instead of failing (``warn_only``): a run that logs such a
+    warning is not bit-for-bit reproducible on that device, and the log says which op.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def _has_tensorboard() -> bool:
     import importlib.util
 
@@ -125,6 +144,7 @@ def run(config: Config) -> dict[str, Any]:
     """Train according to ``config``; returns a summary (last metrics, steps, checkpoint)."""
     from accelerate.utils import set_seed
 
+    set_deterministic(config.train.deterministic)
     accelerator = make_accelerator(config)
     if not accelerator.is_main_process:
         logging.getLogger("train").setLevel(logging.WARNING)
@@ -133,9 +153,18 @@ def run(config: Config) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1), encoding="utf-8")
     set_seed(config.train.seed)
+    resume_from = find_checkpoint(out, config.train.resume)
+    records, roots = load_records(config)
+    shape = RunShape(accelerator.num_processes, config.train.batch_size, config.train.gradient_accumulation_steps, config.train.seed, len(records))
+    start_batch = 0
+    if resume_from is not None:  # before loading any model: a refused resume costs nothing
+        saved = read_trainer_state(resume_from)
+        start_batch = resume_start_batch(
+            RunShape.from_dict(saved["shape"]) if "shape" in saved else None, shape, saved["state"]["step"],
+            config.train.on_shape_change, str(resume_from),
+        )
     frozen_dtype = PRECISION_DTYPES[config.train.mixed_precision] if accelerator.device.type == "cuda" else torch.float32
     host = make_host(config.model, accelerator.device, frozen_dtype, config.train.gradient_checkpointing)
-    records, roots = load_records(config)
     dataset = FGIDDataset(
         records, roots, host.tokenizer,
         SampleOptions(size=config.data.resolution, missing_id_embedding="error" if config.data.missing_id_embedding == "error" else "zeros"),
@@ -155,15 +184,14 @@ def run(config: Config) -> dict[str, Any]:
     module, optimizer = accelerator.prepare(module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    state = {"step": 0, "skipped_steps": 0, "consecutive_nonfinite": 0}
-    resume_from = find_checkpoint(out, config.train.resume)
+    state = {"step": 0, "skipped_steps": 0, "consecutive_nonfinite": 0, "scaler_overflows": 0}
     if resume_from is not None:
         state.update(load_checkpoint(accelerator, resume_from)["state"])
         logger.info("resumed from %s at step %d", resume_from, state["step"])
     accum = config.train.gradient_accumulation_steps
     sampler = ResumableBatchSampler(
         len(dataset), config.train.batch_size, accelerator.num_processes, accelerator.process_index,
-        seed=config.train.seed, start_batch=state["step"] * accum,
+        seed=config.train.seed, start_batch=start_batch,
     )
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers,
                         pin_memory=accelerator.device.type == "cuda")
@@ -182,42 +210,42 @@ def run(config: Config) -> dict[str, Any]:
                 result = module(batch, step_generator(config.train.seed, step, accelerator.process_index, micro, accelerator.device))
                 accelerator.backward(result["loss"] / accum)
             totals += torch.stack([result["loss"].detach().float(), result["noise_loss"].float(), result["facial_loss"].float()]) / accum
-        grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm or float("inf"))
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(totals).all())
-        if accelerator.scaler is not None:  # fp16: the scaler skips inf steps and lowers its scale itself
-            optimizer.step()
-            skipped = optimizer.step_was_skipped or not finite
-        elif finite:
-            optimizer.step()
-            skipped = False
-        else:
-            skipped = True
-        optimizer.zero_grad(set_to_none=True)
+        update = apply_update(accelerator, optimizer, params, totals, config.train.max_grad_norm)
         scheduler.step()
         state["step"] = step + 1
-        state["skipped_steps"] += int(skipped)
-        state["consecutive_nonfinite"] = state["consecutive_nonfinite"] + 1 if not finite else 0
-        if not finite:
-            logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped", step, totals.tolist(), float(grad_norm))
+        state["skipped_steps"] += int(update.outcome is not Outcome.UPDATED)
+        state["scaler_overflows"] += int(update.outcome is Outcome.OVERFLOW)
+        state["consecutive_nonfinite"] = state["consecutive_nonfinite"] + 1 if update.failed else 0
+        if update.outcome is Outcome.OVERFLOW:
+            logger.info("step %d: fp16 loss-scale overflow; the GradScaler skipped the update and lowered its scale", step)
+        if update.failed:
+            logger.warning("step %d: non-finite loss or gradient on some process (local loss %s, grad norm %s); update skipped everywhere",
+                           step, totals.tolist(), update.grad_norm)
             if state["consecutive_nonfinite"] > config.train.max_nonfinite_steps:
                 raise RuntimeError(
                     f"{state['consecutive_nonfinite']} consecutive steps with NaN/inf; stopping. Lower the learning "
                     "rate, use bf16 instead of fp16, or resume from the last checkpoint."
                 )
-        last = metrics.step(state["step"], totals, float(grad_norm), scheduler.get_last_lr()[0], time.perf_counter() - started, state)
+        last = metrics.step(state["step"], totals, update.grad_norm, scheduler.get_last_lr()[0], time.perf_counter() - started, state)
         if state["step"] % config.train.checkpoint_every == 0 or state["step"] == config.train.max_steps:
-            save_checkpoint(accelerator, out, state["step"], {"state": state, "config": config.to_dict()}, config.train.keep_checkpoints)
+            check_replicas(accelerator, module)
+            save_checkpoint(accelerator, out, state["step"], {"state": state, "shape": shape.to_dict(), "config": config.to_dict()}, config.train.keep_checkpoints)
         if config.train.sample_every and state["step"] % config.train.sample_every == 0 and accelerator.is_main_process:
             metrics.sample(accelerator.unwrap_model(module), records, roots, state["step"])
     if accelerator.is_main_process:
         accelerator.unwrap_model(module).adapter.save(out / FINAL_ADAPTER)
         logger.info("adapter written to %s", out / FINAL_ADAPTER)
+    digests = check_replicas(accelerator, module)
     accelerator.wait_for_everyone()
     metrics.close()
-    return {"step": state["step"], "skipped_steps": state["skipped_steps"], "last": last, "output_dir": str(out)}
+    return {
+        "step": state["step"], "skipped_steps": state["skipped_steps"], "scaler_overflows": state["scaler_overflows"],
+        "last": last, "output_dir": str(out), "replica_digests": digests,
+    }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """The command line; returns the run's summary (``None`` for ``--print-defaults``)."""
     parser = argparse.ArgumentParser(prog="python -m train.fit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML or JSON training config (see docs/TRAINING.md)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
@@ -228,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         from .config import describe_defaults
 
         print(describe_defaults())
-        return
+        return None
     if not args.config:
         parser.error("--config is required")
     try:
@@ -237,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     summary = run(config)
     logger.info("done: %s", json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

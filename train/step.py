@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,10 +40,22 @@ class LossConfig:
     clip_image: str = "image"  # whole-image CLIP input of the ID projection: "image" or "without_background"
 
 
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A 63-bit seed per (seed, optimizer step, process, micro-step) from ``numpy.random.SeedSequence``.
+
+    SeedSequence hashes the whole tuple, so no two micro-batches of a run share their draws, whatever
+    the number of processes or accumulation steps (a linear formula such as
+    ``1009·step + 101·rank + micro`` collides: rank 10 at step s equals rank 0 at step s+1, micro-1).
+    """
+    if min(seed, step, rank, micro) < 0:
+        raise ValueError(f"seed, step, rank and micro-step must be non-negative, got {(seed, step, rank, micro)}")
+    return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-batch, fixed by (seed, optimizer step, process, micro-step)."""
+    """The generator of one micro-batch (noise, timesteps, the background-mask coin)."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step * 1009 + rank * 101 + micro) % (2**63 - 1))
+    generator.manual_seed(step_seed(seed, step, rank, micro))
     return generator
 
 

@@ -1,13 +1,16 @@
 """The trainer on ComfyUI's own UNet, loaded from single-file checkpoints (tiny SD1.5/SDXL topologies).
 
-Covers what CI cannot: ComfyUI's checkpoint loader, its weight-wrapper LoRA path, the attention patches
+The one trainer host: ComfyUI's checkpoint loader, its weight-wrapper LoRA path, the attention patches
 at the adapter's slot keys, equality with the nodes' inference patch, the loss going down, exact resume,
-export, and a 2-process ``accelerate launch`` (CPU, gloo).
+skipped non-finite steps, export, and a 2-process ``accelerate launch`` (CPU, gloo) that ends with the
+same weights on both ranks, reads disjoint shards, and whose resume with another world size is refused
+or re-mapped.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train_toy import fresh_accelerate_state, one_thread  # noqa: F401  (autouse fixtures)
+from tests.fixtures.training import fresh_accelerate_state, one_thread  # noqa: F401  (autouse fixtures)
+from train.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 RESOLUTION = 128  # 16×16 latents: the SD1.5 topology downsamples three times
@@ -34,7 +38,7 @@ def _model_config(comfy, base_model="sd15"):
     from train.config import ModelConfig
 
     return ModelConfig(
-        kind="comfy", comfyui_path=str(comfy.root), checkpoint=str(comfy.paths[f"{base_model}_checkpoint"]),
+        comfyui_path=str(comfy.root), checkpoint=str(comfy.paths[f"{base_model}_checkpoint"]),
         clip_vision=str(comfy.paths["clip_vision"]),
         clip_vision_config=str(comfy.models_dir / "clip_vision" / "tiny_clip_vision.json"),
         setup_hooks=[f"{REPO / 'tests' / 'comfy_train' / 'tiny_setup.py'}:register"],
@@ -45,7 +49,7 @@ def _model_config(comfy, base_model="sd15"):
 def _overrides(comfy, data, out, base_model="sd15", **train):
     model = _model_config(comfy, base_model)
     values = {
-        "model.kind": "comfy", "model.comfyui_path": model.comfyui_path, "model.checkpoint": model.checkpoint,
+        "model.comfyui_path": model.comfyui_path, "model.checkpoint": model.checkpoint,
         "model.clip_vision": model.clip_vision, "model.clip_vision_config": model.clip_vision_config,
         "model.setup_hooks": f"[{model.setup_hooks[0]}]", "model.lora_rank": 4,
         "model.adapter_dims": "{facial_dim: 64, facial_depth: 2, id_depth: 2}",
@@ -59,8 +63,8 @@ def _overrides(comfy, data, out, base_model="sd15", **train):
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def _module(comfy, base_model="sd15", adapter=None, layers=5, gradient_checkpointing=False):
-    from train.config import load_config
+def _module(comfy, base_model="sd15", adapter=None, layers=5, gradient_checkpointing=False, attention="attn2"):
+    from train.config import Config
     from train.fit import build_adapter
     from train.hosts.comfy import ComfyHost
     from train.step import LossConfig, TrainingModule
@@ -68,11 +72,10 @@ def _module(comfy, base_model="sd15", adapter=None, layers=5, gradient_checkpoin
     model = _model_config(comfy, base_model)
     host = ComfyHost(model, comfy.root, torch.device("cpu"), torch.float32, gradient_checkpointing)
     if adapter is None:
-        config = load_config(None, ["data.json=unused", "model.kind=toy"])
-        config.model = model
+        config = Config(model=model)
         torch.manual_seed(0)
         adapter = build_adapter(config, host)
-    return TrainingModule(adapter, host, LossConfig(localization_layers=layers))
+    return TrainingModule(adapter, host, LossConfig(localization_layers=layers, localization_attention=attention))
 
 
 def _batches(module, data, count=2):
@@ -84,8 +87,8 @@ def _batches(module, data, count=2):
     return [collate([dataset[(0, 2 * b)], dataset[(0, 2 * b + 1)]]) for b in range(count)]
 
 
-@pytest.mark.parametrize("base_model, layers, captured", [("sd15", 5, 11), ("sdxl", 3, 36)])
-def test_one_step_on_comfy_unet_reaches_every_lora_and_id_projection(comfy, data, base_model, layers, captured):
+@pytest.mark.parametrize("base_model, layers, captured, per_kind", [("sd15", 5, 11, 16), ("sdxl", 3, 36, 70)])
+def test_one_step_on_comfy_unet_reaches_every_lora_and_id_projection(comfy, data, base_model, layers, captured, per_kind):
     """LoRA through ComfyUI weight wrappers, ID k/v through the attn2 patches at the slot keys."""
     from train.step import step_generator
 
@@ -96,13 +99,38 @@ def test_one_step_on_comfy_unet_reaches_every_lora_and_id_projection(comfy, data
     result = module(_batches(module, data, 1)[0], step_generator(0, 0, 0, 0, torch.device("cpu")))
     result["loss"].backward()
     adapter = module.adapter
-    for layer in adapter.layers:
-        for target in ("to_q", "to_k", "to_v", "to_out"):
-            assert layer.lora(target).up.weight.grad.abs().sum() > 0
+    slot_kinds = {"attn1": 0, "attn2": 0}
+    for slot, layer in zip(adapter.slots, adapter.layers):
+        for target in ("to_q", "to_k", "to_v", "to_out"):  # up starts at zero, so only up gets gradient at first
+            assert layer.lora(target).up.weight.grad.abs().sum() > 0, (slot.comfy_module, target)
+        slot_kinds[slot.attn] += 1
         if layer.is_cross_attention:
-            assert layer.to_k_ip.weight.grad.abs().sum() > 0
+            assert layer.to_k_ip.weight.grad.abs().sum() > 0 and layer.to_v_ip.weight.grad.abs().sum() > 0
+    assert slot_kinds == {"attn1": per_kind, "attn2": per_kind}
+    assert adapter.facial.fuse_module.mlp1.fc1.weight.grad.abs().sum() > 0
+    assert adapter.facial.visual_projection.proj_in.weight.grad.abs().sum() > 0
+    assert adapter.id_projection.proj[0].weight.grad.abs().sum() > 0
     assert len(calls[0]) == captured and result["facial_loss"] != 0
     assert all(p.grad is None for p in module.host.patcher.model.parameters())
+
+
+def test_id_key_value_start_as_the_unet_key_value(comfy):
+    module = _module(comfy)
+    weights = module.host.base_weights()
+    slot, layer = next(module.adapter.cross_attention_layers())
+    assert torch.equal(layer.to_k_ip.weight, weights[f"diffusion_model.{slot.comfy_module}.to_k.weight"])
+    assert torch.equal(layer.to_v_ip.weight, weights[f"diffusion_model.{slot.comfy_module}.to_v.weight"])
+
+
+def test_original_attn1_localization_mode_trains(comfy, data):
+    """The original's self-attention maps at token positions: kept as a switch, still a finite loss."""
+    import math
+
+    from train.step import step_generator
+
+    module = _module(comfy, attention="attn1_original")
+    result = module(_batches(module, data, 1)[0], step_generator(0, 0, 0, 0, torch.device("cpu")))
+    assert math.isfinite(float(result["loss"])) and result["facial_loss"] != 0
 
 
 def test_gradient_checkpointing_on_comfy_unet_gives_the_same_gradients(comfy, data):
@@ -120,13 +148,12 @@ def test_gradient_checkpointing_on_comfy_unet_gives_the_same_gradients(comfy, da
 
 def test_fine_tuning_starts_from_a_release_file_and_refuses_one_for_another_base(comfy, data):
     from consistentid_core import ConsistentIDAdapter, ModelMismatch
-    from train.config import load_config
+    from train.config import Config
     from train.fit import build_adapter
     from train.hosts.comfy import ComfyHost
     from train.step import TrainingModule
 
-    config = load_config(None, ["data.json=unused", "model.kind=toy"])
-    config.model = _model_config(comfy)
+    config = Config(model=_model_config(comfy))
     host = ComfyHost(config.model, comfy.root, torch.device("cpu"), torch.float32)
     config.model.init_from = str(comfy.paths["sd15_adapter"])
     adapter = build_adapter(config, host)
@@ -197,13 +224,16 @@ def test_resume_reproduces_uninterrupted_weights_and_export_loads_back(comfy, da
     from train.config import load_config
     from train.export import export
     from train.fit import run
+    from train.tracking import read_metrics
 
     run(load_config(None, _overrides(comfy, data, tmp_path / "straight", max_steps=4)))
     run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=2)))
     run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=4)))
     straight = load_file(find_checkpoint(tmp_path / "straight", "auto") / "model.safetensors")
     resumed = load_file(find_checkpoint(tmp_path / "interrupted", "auto") / "model.safetensors")
+    assert find_checkpoint(tmp_path / "interrupted", "auto").name == "step-00000004"
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0.0
+    assert [m["loss"] for m in read_metrics(tmp_path / "straight")][2:] == [m["loss"] for m in read_metrics(tmp_path / "interrupted")][2:]
 
     outputs = [tmp_path / "adapter.bin", tmp_path / "adapter.safetensors"]
     export(tmp_path / "straight", outputs)
@@ -214,25 +244,94 @@ def test_resume_reproduces_uninterrupted_weights_and_export_loads_back(comfy, da
         comfy.package.nodes.patch.check_model(base, adapter)  # the nodes accept the export for this checkpoint
 
 
-def test_two_process_accelerate_launch_smoke(comfy, data, tmp_path):
-    """``accelerate launch`` with 2 CPU processes (torchrun + gloo): both ranks train, rank 0 checkpoints."""
-    out = tmp_path / "ddp"
+def test_non_finite_steps_are_skipped_and_too_many_stop_training(comfy, data, tmp_path, monkeypatch):
+    from train.checkpointing import find_checkpoint
+    from train.config import load_config
+    from train.fit import run
+    from train.step import TrainingModule
+
+    original = TrainingModule.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch, generator):
+        result = original(self, batch, generator)
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 2
+            result["loss"] = result["loss"] * float("nan")
+        return result
+
+    monkeypatch.setattr(TrainingModule, "forward", sometimes_nan)
+    summary = run(load_config(None, _overrides(comfy, data, tmp_path / "nan", max_steps=3)))
+    assert summary["skipped_steps"] == 1 and summary["scaler_overflows"] == 0
+    weights = load_file(find_checkpoint(tmp_path / "nan", "auto") / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+    monkeypatch.setattr(TrainingModule, "forward", lambda self, b, g: {**original(self, b, g), "loss": torch.tensor(float("nan"), requires_grad=True)})
+    with pytest.raises(RuntimeError, match="consecutive steps with NaN"):
+        run(load_config(None, _overrides(comfy, data, tmp_path / "all_nan", max_steps=3, max_nonfinite_steps=1)))
+
+
+def test_bf16_mixed_precision_run(comfy, data, tmp_path):
+    import math
+
+    from train.config import load_config
+    from train.fit import run
+
+    summary = run(load_config(None, _overrides(comfy, data, tmp_path, max_steps=1, mixed_precision="bf16")))
+    assert summary["skipped_steps"] == 0 and math.isfinite(summary["last"]["loss"])
+
+
+def _launch_two_processes(comfy, data, out, records, **train):
+    """``accelerate launch`` with 2 CPU processes (torchrun + gloo) of train.fit's command line."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-        "-m", "train.fit", "--config", str(REPO / "train" / "configs" / "sd15.yaml"),
-        *[arg for pair in (("--set", o) for o in _overrides(comfy, data, out, max_steps=2)) for arg in pair],
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(REPO / "tests" / "comfy_train" / "ranks.py"), "--config", str(REPO / "train" / "configs" / "sd15.yaml"),
+        *[arg for pair in (("--set", o) for o in _overrides(comfy, data, out, **train)) for arg in pair],
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CID_RECORD_DIR": str(records),
+           "CID_INF_LOSS_RANK": "1", "CID_INF_LOSS_CALL": "2"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    checkpoint = out / "checkpoints" / "step-00000002"
-    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    return [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_processes_stay_identical_read_disjoint_shards_and_resume_at_another_world_size(comfy, data, tmp_path, monkeypatch):
+    """Rank 1 alone sees an infinite loss at step 2 (finite gradients): both ranks must skip it.
+
+    Then the run is resumed by 1 process with batch size 2: refused by default, re-mapped on request
+    to the rest of the same epoch (no sample trained twice).
+    """
+    from train.config import ConfigError, load_config
+    from train.fit import run
+    from train.step import TrainingModule
     from train.tracking import read_metrics
 
+    out, records = tmp_path / "ddp", tmp_path / "records"
+    records.mkdir()
+    ranks = _launch_two_processes(comfy, data, out, records, max_steps=2, batch_size=1)
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     metrics = read_metrics(out)
-    assert metrics[-1]["step"] == 2 and metrics[-1]["samples_per_second"] == pytest.approx(4 * metrics[-1]["steps_per_second"])
+    assert metrics[-1]["step"] == 2 and metrics[-1]["samples_per_second"] == pytest.approx(2 * metrics[-1]["steps_per_second"])
     assert (out / "consistentid_adapter.safetensors").is_file()
+    assert [r["summary"]["skipped_steps"] for r in ranks] == [1, 1]
+    digests = [r["summary"]["replica_digests"] for r in ranks]
+    assert digests[0] == digests[1] and len(set(digests[0])) == 1
+    shards = [{i for batch in r["indices"] for i in batch} for r in ranks]
+    assert len(shards[0]) == len(shards[1]) == 2 and not shards[0] & shards[1]
+
+    overrides = _overrides(comfy, data, out, max_steps=4, batch_size=2)
+    with pytest.raises(ConfigError, match="world_size 2 → 1, batch_size 1 → 2"):
+        run(load_config(None, overrides))
+    seen = []
+    forward = TrainingModule.forward
+    monkeypatch.setattr(TrainingModule, "forward", lambda self, b, g: seen.append(list(b["index"])) or forward(self, b, g))
+    summary = run(load_config(None, [*overrides, "train.on_shape_change=remap"]))
+    assert summary["step"] == 4
+    after = [i for batch in seen for i in batch]
+    assert len(after) == 4 and not set(after) & (shards[0] | shards[1])
+    assert set(after) | shards[0] | shards[1] == set(range(8))  # the whole epoch, each sample once
 
 
 def test_prepare_fit_export_evaluate_chain_on_the_synthetic_set(comfy, data, tmp_path):

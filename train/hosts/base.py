@@ -1,9 +1,8 @@
 """What the trainer needs from a base model: frozen encoders, a UNet that takes attention patches.
 
-Two implementations: :class:`train.hosts.comfy.ComfyHost` (the real one: a ComfyUI single-file
-checkpoint, ComfyUI's UNet, VAE, text encoder and CLIP vision) and
-:class:`train.hosts.toy.ToyHost` (tiny pure-torch models that call patches exactly as ComfyUI's UNet
-does, for CI and laptop smoke runs). Everything else in the trainer is shared.
+The one implementation is :class:`train.hosts.comfy.ComfyHost`: a ComfyUI single-file checkpoint,
+ComfyUI's UNet, VAE, text encoder and CLIP vision. The interface keeps the training step
+independent of how ComfyUI is driven; tests run it on tiny checkpoints in the real formats.
 """
 
 from __future__ import annotations
@@ -14,14 +13,6 @@ from typing import Any
 import torch
 
 from ..attention_patch import PatchPlan
-
-#: Stable Diffusion's training noise schedule ("scaled_linear" β from 0.00085 to 0.012, 1000 steps).
-SD_BETA_START, SD_BETA_END, SD_TIMESTEPS = 0.00085, 0.012, 1000
-
-
-def sd_alphas_cumprod() -> torch.Tensor:
-    betas = torch.linspace(SD_BETA_START**0.5, SD_BETA_END**0.5, SD_TIMESTEPS, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).float()
 
 
 class Host(ABC):
