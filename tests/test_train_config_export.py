@@ -113,3 +113,18 @@ def test_sdxl_export_uses_the_sdxl_loaders_key(tmp_path):
 def test_export_rejects_foreign_tensors():
     with pytest.raises(CheckpointFormatError, match="unexpected tensor"):
         release_state_dicts({"unet.weight": torch.zeros(1)})
+
+
+def test_export_takes_the_ema_when_the_checkpoint_has_one(tmp_path):
+    from safetensors.torch import save_file
+
+    raw, ema = make_tiny_adapter("sd15", seed=4), make_tiny_adapter("sd15", seed=5)
+    checkpoint = _training_checkpoint(tmp_path, raw)
+    with pytest.raises(FileNotFoundError, match="without train.ema_decay"):
+        export(checkpoint, [tmp_path / "x.safetensors"], weights="ema")
+    save_file({f"adapter.{k}": v.contiguous() for k, v in ema.state_dict().items()}, checkpoint / "ema.safetensors")
+    for weights, source in (("auto", ema), ("ema", ema), ("raw", raw)):
+        out = tmp_path / f"{weights}.safetensors"
+        export(tmp_path, [out], weights=weights)
+        loaded = ConsistentIDAdapter.load(out).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items()), weights

@@ -171,3 +171,27 @@ def test_a_non_finite_loss_with_a_scaler_leaves_the_scaler_usable():
     assert _step(accelerator, model, optimizer, loss_value=float("nan")).outcome is Outcome.NONFINITE
     assert accelerator.scaler.get_scale() == 4.0
     assert _step(accelerator, model, optimizer).outcome is Outcome.UPDATED
+
+
+def test_ema_follows_the_exponential_average_of_the_weights():
+    from train.ema import AdapterEMA
+
+    module = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+    module.frozen = frozen
+    start = module.weight.detach().clone()
+    ema = AdapterEMA(module, decay=0.9)
+    assert set(ema.shadow) == {"weight", "bias"}  # trainable only
+    values = [torch.full_like(start, v) for v in (1.0, 2.0, -1.0)]
+    expected = start.clone()
+    for value in values:
+        with torch.no_grad():
+            module.weight.copy_(value)
+        ema.update(module)
+        expected = 0.9 * expected + 0.1 * value
+    assert torch.allclose(ema.shadow["weight"], expected, atol=1e-7)
+    restored = AdapterEMA(module, decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+    with pytest.raises(ValueError, match="decay"):
+        AdapterEMA(module, 1.0)

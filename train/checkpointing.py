@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``<output_dir>/checkpoints/step-00000500`` holding what accelerate saves
 (adapter weights ``model.safetensors``, optimizer, LR scheduler, gradient scaler, the RNG states of
-every process) plus ``trainer_state.json`` (optimizer step, data position, counters, config). It is
+every process), ``ema.safetensors`` when ``train.ema_decay`` is on, and ``trainer_state.json``
+(optimizer step, counters, the run shape that fixes the data position, config). It is
 written under a temporary name and renamed when complete, and ``checkpoints/latest`` (a one-line
 file) is replaced atomically afterwards, so an interruption at any moment leaves the previous
 checkpoint intact and ``resume: auto`` never picks a half-written one. On several nodes the output
@@ -47,8 +48,14 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: p.name)
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Collective: every process must call it. Returns the checkpoint folder."""
+def save_checkpoint(
+    accelerator: Any, output_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int,
+    extra_tensors: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Collective: every process must call it. Returns the checkpoint folder.
+
+    ``extra_tensors`` maps file names (``ema.safetensors``) to tensors the main process writes beside
+    accelerate's files, inside the same atomic rename."""
     root = Path(output_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -59,6 +66,10 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, trainer
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        for name, tensors in (extra_tensors or {}).items():
+            save_file(tensors, str(tmp / name))
         _write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1))
         if final.exists():
             shutil.rmtree(final)

@@ -1,7 +1,8 @@
 """``python -m train.export CHECKPOINT --out adapter.safetensors``: a training checkpoint → release files.
 
 ``CHECKPOINT`` is a checkpoint folder (``…/checkpoints/step-00001000``), a training output folder
-(its latest checkpoint is used) or an accelerate ``model.safetensors``. Every ``--out`` is written in
+(its latest checkpoint is used) or an accelerate ``model.safetensors``/``ema.safetensors``; a
+checkpoint with an EMA exports the EMA unless ``--weights raw``. Every ``--out`` is written in
 the layout ``ConsistentIDAdapter.load`` and the original code read: ``.bin`` = the release's nested
 ``torch.save`` dict (``image_proj`` for SD1.5, ``image_proj_model`` for SDXL), ``.safetensors`` = the
 flat prefixed form. Each file is loaded back and compared with the checkpoint before the command
@@ -20,24 +21,34 @@ from consistentid_core import CheckpointFormatError, ConsistentIDAdapter
 from consistentid_core.checkpoint.io import ReleaseStateDicts
 
 from .checkpointing import find_checkpoint
+from .ema import EMA_FILE
 
 logger = logging.getLogger("train.export")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PREFIX = "adapter."
+MODEL_FILE = "model.safetensors"
 
 
-def checkpoint_weights(path: str | Path) -> Path:
-    """The ``model.safetensors`` a checkpoint argument refers to."""
+def checkpoint_weights(path: str | Path, weights: str = "auto") -> Path:
+    """The weights file a checkpoint argument refers to.
+
+    ``weights``: ``raw`` = ``model.safetensors``; ``ema`` = ``ema.safetensors`` (an error if the run
+    kept no EMA); ``auto`` = the EMA when the checkpoint has one, else the raw weights.
+    """
     path = Path(path)
     if path.is_file():
         return path
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    latest = find_checkpoint(path, "auto")
-    if latest is not None and (latest / "model.safetensors").is_file():
-        return latest / "model.safetensors"
-    raise FileNotFoundError(f"{path}: no training checkpoint (model.safetensors) found")
+    folder = path if (path / MODEL_FILE).is_file() else find_checkpoint(path, "auto")
+    if folder is None or not (folder / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no training checkpoint ({MODEL_FILE}) found")
+    if weights == "raw":
+        return folder / MODEL_FILE
+    if (folder / EMA_FILE).is_file():
+        return folder / EMA_FILE
+    if weights == "ema":
+        raise FileNotFoundError(f"{folder} has no {EMA_FILE}: the run was trained without train.ema_decay")
+    return folder / MODEL_FILE
 
 
 def release_state_dicts(training_state: dict[str, torch.Tensor], source: str = "checkpoint") -> ReleaseStateDicts:
@@ -59,15 +70,20 @@ def release_state_dicts(training_state: dict[str, torch.Tensor], source: str = "
     return ReleaseStateDicts(facial, image_proj, dict(sorted(layers.items())))
 
 
-def load_trained_adapter(path: str | Path) -> ConsistentIDAdapter:
+def adapter_from_training_state(state: dict[str, torch.Tensor], source: str = "checkpoint") -> ConsistentIDAdapter:
+    return ConsistentIDAdapter.from_state_dicts(release_state_dicts(state, source), source=source)
+
+
+def load_trained_adapter(path: str | Path, weights: str = "auto") -> ConsistentIDAdapter:
     from safetensors.torch import load_file
 
-    weights = checkpoint_weights(path)
-    return ConsistentIDAdapter.from_state_dicts(release_state_dicts(load_file(str(weights)), str(weights)), source=str(weights))
+    found = checkpoint_weights(path, weights)
+    logger.info("exporting %s", found)
+    return adapter_from_training_state(load_file(str(found)), str(found))
 
 
-def export(checkpoint: str | Path, outputs: list[str | Path], dtype: str = "fp32") -> ConsistentIDAdapter:
-    adapter = load_trained_adapter(checkpoint).to(DTYPES[dtype])
+def export(checkpoint: str | Path, outputs: list[str | Path], dtype: str = "fp32", weights: str = "auto") -> ConsistentIDAdapter:
+    adapter = load_trained_adapter(checkpoint, weights).to(DTYPES[dtype])
     expected = adapter.state_dict()
     for output in outputs:
         adapter.save(output)
@@ -84,9 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder, training output folder, or model.safetensors")
     parser.add_argument("--out", action="append", required=True, help="output .bin or .safetensors (repeatable)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="stored precision (default fp32, like the release)")
+    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                        help="EMA or raw weights (default: the EMA when the run kept one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    export(args.checkpoint, args.out, args.dtype)
+    export(args.checkpoint, args.out, args.dtype, args.weights)
 
 
 if __name__ == "__main__":

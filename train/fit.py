@@ -37,7 +37,10 @@ from consistentid_core.data import (
 from .attention_patch import init_id_key_value_from_base
 from .checkpointing import find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .config import Config, ConfigError, load_config
+from .ema import EMA_FILE, AdapterEMA
+from .export import adapter_from_training_state
 from .hosts import Host, make_host
+from .init_from import init_from_ipadapter_faceid, is_ipadapter_faceid
 from .replicas import check_replicas
 from .run_shape import RunShape, resume_start_batch
 from .step import LossConfig, TrainingModule, step_generator
@@ -78,7 +81,9 @@ def load_records(config: Config) -> tuple[list, DataRoots]:
 
 
 def build_adapter(config: Config, host: Host) -> ConsistentIDAdapter:
-    if config.model.init_from:
+    """A ConsistentID file to fine-tune, or a fresh adapter (optionally seeded from IP-Adapter-FaceID-Plus)."""
+    from_ipadapter = bool(config.model.init_from) and is_ipadapter_faceid(config.model.init_from)
+    if config.model.init_from and not from_ipadapter:
         adapter = ConsistentIDAdapter.load(config.model.init_from, dtype=torch.float32)
         if adapter.base_model != host.base_model:
             raise ModelMismatch(f"{config.model.init_from} is a {adapter.base_model} adapter, the checkpoint is {host.base_model}")
@@ -86,7 +91,24 @@ def build_adapter(config: Config, host: Host) -> ConsistentIDAdapter:
     dims = {**host.adapter_dims, **config.model.adapter_dims}
     adapter = ConsistentIDAdapter.create(host.base_model, lora_rank=config.model.lora_rank, num_tokens=config.model.num_tokens, **dims)
     init_id_key_value_from_base(adapter, host.base_weights())
+    if from_ipadapter:
+        init_from_ipadapter_faceid(adapter, config.model.init_from)
     return adapter
+
+
+def make_ema(config: Config, module: torch.nn.Module, resume_from: Path | None) -> AdapterEMA | None:
+    """The EMA of the adapter weights if ``train.ema_decay`` is on, restored from the checkpoint."""
+    if not config.train.ema_decay:
+        return None
+    ema = AdapterEMA(module, config.train.ema_decay)
+    if resume_from is not None:
+        if (resume_from / EMA_FILE).is_file():
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(resume_from / EMA_FILE)))
+        else:
+            logger.warning("%s has no %s: the EMA starts from the resumed weights", resume_from, EMA_FILE)
+    return ema
 
 
 def lr_lambda(config: Config):
@@ -188,6 +210,7 @@ def run(config: Config) -> dict[str, Any]:
     if resume_from is not None:
         state.update(load_checkpoint(accelerator, resume_from)["state"])
         logger.info("resumed from %s at step %d", resume_from, state["step"])
+    ema = make_ema(config, accelerator.unwrap_model(module), resume_from)
     accum = config.train.gradient_accumulation_steps
     sampler = ResumableBatchSampler(
         len(dataset), config.train.batch_size, accelerator.num_processes, accelerator.process_index,
@@ -213,6 +236,8 @@ def run(config: Config) -> dict[str, Any]:
         update = apply_update(accelerator, optimizer, params, totals, config.train.max_grad_norm)
         scheduler.step()
         state["step"] = step + 1
+        if ema is not None and update.outcome is Outcome.UPDATED:
+            ema.update(accelerator.unwrap_model(module))
         state["skipped_steps"] += int(update.outcome is not Outcome.UPDATED)
         state["scaler_overflows"] += int(update.outcome is Outcome.OVERFLOW)
         state["consecutive_nonfinite"] = state["consecutive_nonfinite"] + 1 if update.failed else 0
@@ -229,12 +254,16 @@ def run(config: Config) -> dict[str, Any]:
         last = metrics.step(state["step"], totals, update.grad_norm, scheduler.get_last_lr()[0], time.perf_counter() - started, state)
         if state["step"] % config.train.checkpoint_every == 0 or state["step"] == config.train.max_steps:
             check_replicas(accelerator, module)
-            save_checkpoint(accelerator, out, state["step"], {"state": state, "shape": shape.to_dict(), "config": config.to_dict()}, config.train.keep_checkpoints)
+            save_checkpoint(
+                accelerator, out, state["step"], {"state": state, "shape": shape.to_dict(), "config": config.to_dict()},
+                config.train.keep_checkpoints, {EMA_FILE: ema.state_dict()} if ema is not None else None,
+            )
         if config.train.sample_every and state["step"] % config.train.sample_every == 0 and accelerator.is_main_process:
             metrics.sample(accelerator.unwrap_model(module), records, roots, state["step"])
     if accelerator.is_main_process:
-        accelerator.unwrap_model(module).adapter.save(out / FINAL_ADAPTER)
-        logger.info("adapter written to %s", out / FINAL_ADAPTER)
+        final = adapter_from_training_state(ema.state_dict()) if ema is not None else accelerator.unwrap_model(module).adapter
+        final.save(out / FINAL_ADAPTER)
+        logger.info("adapter written to %s%s", out / FINAL_ADAPTER, " (EMA weights)" if ema is not None else "")
     digests = check_replicas(accelerator, module)
     accelerator.wait_for_everyone()
     metrics.close()

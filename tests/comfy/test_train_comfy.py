@@ -146,7 +146,7 @@ def test_gradient_checkpointing_on_comfy_unet_gives_the_same_gradients(comfy, da
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-5
 
 
-def test_fine_tuning_starts_from_a_release_file_and_refuses_one_for_another_base(comfy, data):
+def test_fine_tuning_starts_from_a_release_file_and_refuses_one_for_another_base(comfy, data, tmp_path):
     from consistentid_core import ConsistentIDAdapter, ModelMismatch
     from train.config import Config
     from train.fit import build_adapter
@@ -160,6 +160,16 @@ def test_fine_tuning_starts_from_a_release_file_and_refuses_one_for_another_base
     release = ConsistentIDAdapter.load(comfy.paths["sd15_adapter"]).state_dict()
     assert all(torch.equal(adapter.state_dict()[k], release[k]) for k in release)
     TrainingModule(adapter, host)
+
+    from tests.fixtures.tiny_ipadapter_faceid import ipadapter_faceid_plus_state, write_ipadapter_faceid_plus
+
+    config.model.init_from = str(write_ipadapter_faceid_plus(tmp_path / "ip-adapter-faceid-plus_sd15.bin"))
+    seeded = build_adapter(config, host)  # the paper's init: a fresh adapter with FaceID-Plus's projection and ID k/v
+    faceid = ipadapter_faceid_plus_state()
+    assert torch.equal(seeded.id_projection.state_dict()["proj.2.weight"], faceid["image_proj"]["proj.2.weight"])
+    assert torch.equal(seeded.layers[1].to_k_ip.weight, faceid["ip_adapter"]["1.to_k_ip.weight"])
+    assert all(torch.equal(layer.lora("to_q").up.weight, torch.zeros_like(layer.lora("to_q").up.weight)) for layer in seeded.layers)
+    TrainingModule(seeded, host)
     with pytest.raises(ModelMismatch, match="sdxl adapter"):
         config.model.init_from = str(comfy.paths["sdxl_adapter"])
         build_adapter(config, host)
@@ -218,7 +228,8 @@ def test_loss_decreases_over_a_few_dozen_steps_on_comfy_unet(comfy, data):
     assert after < 0.9 * before, (before, after)
 
 
-def test_resume_reproduces_uninterrupted_weights_and_export_loads_back(comfy, data, tmp_path):
+def test_resume_reproduces_uninterrupted_weights_and_ema_and_export_loads_back(comfy, data, tmp_path):
+    """With ``ema_decay`` on: the EMA resumes exactly too, and it is what the final file and the export hold."""
     from consistentid_core import ConsistentIDAdapter
     from train.checkpointing import find_checkpoint
     from train.config import load_config
@@ -226,20 +237,29 @@ def test_resume_reproduces_uninterrupted_weights_and_export_loads_back(comfy, da
     from train.fit import run
     from train.tracking import read_metrics
 
-    run(load_config(None, _overrides(comfy, data, tmp_path / "straight", max_steps=4)))
-    run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=2)))
-    run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=4)))
-    straight = load_file(find_checkpoint(tmp_path / "straight", "auto") / "model.safetensors")
-    resumed = load_file(find_checkpoint(tmp_path / "interrupted", "auto") / "model.safetensors")
-    assert find_checkpoint(tmp_path / "interrupted", "auto").name == "step-00000004"
+    run(load_config(None, _overrides(comfy, data, tmp_path / "straight", max_steps=4, ema_decay=0.5)))
+    run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=2, ema_decay=0.5)))
+    run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=4, ema_decay=0.5)))
+    last = find_checkpoint(tmp_path / "straight", "auto")
+    straight, straight_ema = load_file(last / "model.safetensors"), load_file(last / "ema.safetensors")
+    resumed_at = find_checkpoint(tmp_path / "interrupted", "auto")
+    resumed, resumed_ema = load_file(resumed_at / "model.safetensors"), load_file(resumed_at / "ema.safetensors")
+    assert resumed_at.name == "step-00000004"
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0.0
+    assert max((straight_ema[k] - resumed_ema[k]).abs().max().item() for k in straight_ema) == 0.0
     assert [m["loss"] for m in read_metrics(tmp_path / "straight")][2:] == [m["loss"] for m in read_metrics(tmp_path / "interrupted")][2:]
+    name = "adapter.id_projection.proj.0.weight"
+    assert not torch.equal(straight_ema[name], straight[name])  # the EMA lags the weights
 
+    final = ConsistentIDAdapter.load(tmp_path / "straight" / "consistentid_adapter.safetensors").state_dict()
+    assert torch.equal(final["id_projection.proj.0.weight"], straight_ema[name])
     outputs = [tmp_path / "adapter.bin", tmp_path / "adapter.safetensors"]
     export(tmp_path / "straight", outputs)
+    export(tmp_path / "straight", [tmp_path / "raw.safetensors"], weights="raw")
+    assert torch.equal(ConsistentIDAdapter.load(tmp_path / "raw.safetensors").state_dict()["id_projection.proj.0.weight"], straight[name])
     for path in outputs:
         adapter = ConsistentIDAdapter.load(path)
-        assert torch.equal(adapter.state_dict()["facial.fuse_module.layer_norm.weight"], straight["adapter.facial.fuse_module.layer_norm.weight"])
+        assert torch.equal(adapter.state_dict()["id_projection.proj.0.weight"], straight_ema[name])
         base, _, _, _ = importlib.import_module("comfy.sd").load_checkpoint_guess_config(str(comfy.paths["sd15_checkpoint"]), output_vae=False, output_clip=False)
         comfy.package.nodes.patch.check_model(base, adapter)  # the nodes accept the export for this checkpoint
 
