@@ -63,8 +63,8 @@ def test_full_run_writes_an_fgid_set_that_trains(prepared):
     assert skipped["broken.jpg"].startswith("resize: unreadable image")
     assert skipped["gray.png"] == "embeddings: no face detected (InsightFace)"
     row = rows[0]
-    assert {"origin_IMG", "resize_IMG", "parsing_mask_IMG", "id_embed_file_resize", "vqa_llva", "vqa_llva_more_face_detail"} <= set(row)
-    assert torch.load(prepared / "faceID" / row["id_embed_file_resize"]).shape == (1, 512)
+    assert {"origin_IMG", "resize_IMG", "parsing_mask_IMG", "id_embed_file_origin", "vqa_llva", "vqa_llva_more_face_detail"} <= set(row)
+    assert torch.load(prepared / "faceID" / row["id_embed_file_origin"]).shape == (1, 512)
     assert Image.open(prepared / "parsing_mask_IMG" / row["parsing_mask_IMG"]).mode == "L"
     index = read_fgid(prepared / "fgid.json")
     roots = DataRoots.of(prepared / "resize_IMG", prepared / "parsing_mask_IMG", prepared / "faceID")
@@ -142,3 +142,27 @@ def test_captions_from_a_local_vision_language_model(prepared, tmp_path):
     written = json.loads((tmp_path / "record.json").read_text())
     assert written["stages"]["captions"] == "done" and written["caption_source"].startswith("tiny-llava")
     assert written["vqa_llva"] and written["vqa_llva_more_face_detail"]
+
+
+def test_id_embeddings_come_from_the_photo_as_it_is_unless_asked_for_the_squashed_copy(inputs, prepared, tmp_path):
+    """Inference embeds the user's photo unsquashed; training rows now do too (the original used the 512² copy)."""
+    import numpy as np
+
+    from consistentid_core.face import FaceAnalyzer
+
+    portraits, models = inputs
+    analyzer = FaceAnalyzer.load(models / "insightface", "buffalo_l", det_size=640)
+    row = json.loads((prepared / "fgid.json").read_text())[0]
+    original = np.asarray(Image.open(portraits / row["origin_IMG"]).convert("RGB"))
+    squashed = np.asarray(Image.open(prepared / "resize_IMG" / row["resize_IMG"]).convert("RGB"))
+    assert original.shape[:2] != squashed.shape[:2]
+    from_original = torch.from_numpy(analyzer.faces(original)[0].normed_embedding)
+    from_squashed = torch.from_numpy(analyzer.faces(squashed)[0].normed_embedding)
+    assert not torch.equal(from_original, from_squashed)
+    assert torch.equal(torch.load(prepared / "faceID" / row["id_embed_file_origin"])[0], from_original)
+
+    out = tmp_path / "squashed"
+    prepare.main(_args(inputs, out, "--id-embedding-from", "resized", "--stages", "resize,embeddings"))
+    record = json.loads((out / "records" / f"{prepare.item_id(row['origin_IMG'])}.json").read_text())
+    assert "id_embed_file_origin" not in record
+    assert torch.equal(torch.load(out / "faceID" / record["id_embed_file_resize"])[0], from_squashed)

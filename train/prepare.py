@@ -8,7 +8,8 @@ Stages (``--stages``, default all, in this order), each writing FGID's folders u
 =============  =======================================================================================
 ``resize``     512×512 copy (PIL bilinear, aspect not kept, as FGID_mask.py) → ``resize_IMG/<id>.png``
 ``parsing``    BiSeNet labels of it → ``parsing_mask_IMG/<id>_mask.png`` (+ colour preview)
-``embeddings`` InsightFace ArcFace embedding (largest face) → ``faceID/<id>_faceid.bin``, a (1, 512) tensor
+``embeddings`` InsightFace ArcFace embedding (largest face) of the photo as it is (``--id-embedding-from``)
+               → ``faceID/<id>_faceid.bin``, a (1, 512) tensor
 ``captions``   ``vqa_llva`` (general) and ``vqa_llva_more_face_detail`` (face) from a local VLM
                (transformers image-text-to-text, the original's two LLaVA instructions), or templates
 ``fuse``       every finished item → ``fgid.json``; skipped ones → ``skipped.json`` with reasons
@@ -164,7 +165,26 @@ def stage_parsing(items: list[Item], face_parser: Path, device: str, progress: b
             item.finish("parsing", parsing_mask_IMG=mask, parsing_color_IMG=color, parsing_labels=sorted(int(v) for v in np.unique(labels)))
 
 
-def stage_embeddings(items: list[Item], root: Path, name: str, det_size: int, progress: bool) -> None:
+EMBEDDING_SOURCES = ("original", "resized")
+EMBEDDING_KEYS = {"original": "id_embed_file_origin", "resized": "id_embed_file_resize"}
+
+
+def _original_rgb(item: Item) -> np.ndarray | None:
+    try:
+        with Image.open(item.source) as image:
+            return np.asarray(image.convert("RGB"))
+    except (FileNotFoundError, UnidentifiedImageError, OSError):
+        return None
+
+
+def stage_embeddings(items: list[Item], root: Path, name: str, det_size: int, progress: bool, source: str = "original") -> None:
+    """ArcFace embedding of the largest face.
+
+    ``original`` (default): from the photo as it is, so training sees what inference computes from a
+    user's photo (the original FGID scripts used the 512² squashed copy, which distorts non-square
+    photos); falls back to the squashed copy when no face is found in the original. ``resized``: the
+    squashed copy, as the original. The row key says which (``id_embed_file_origin``/``_resize``).
+    """
     from consistentid_core.face import FaceAnalyzer
 
     todo = [i for i in items if not i.done("embeddings", [f"{FOLDERS['embeddings']}/{i.id}_faceid.bin"])]
@@ -172,14 +192,22 @@ def stage_embeddings(items: list[Item], root: Path, name: str, det_size: int, pr
         return
     analyzer = FaceAnalyzer.load(root, name, det_size=det_size)
     for item in tqdm(todo, desc="embeddings", disable=not progress):
-        faces = analyzer.faces(item.resized())
+        faces, used = [], "resized"
+        if source == "original":
+            original = _original_rgb(item)
+            faces = analyzer.faces(original) if original is not None else []
+            used = "original"
+        if not faces:
+            faces, used = analyzer.faces(item.resized()), "resized"
         if not faces:
             item.skip("embeddings", "no face detected (InsightFace)")
             continue
         embedding = torch.from_numpy(np.asarray(faces[0].normed_embedding, dtype=np.float32)).unsqueeze(0)
         target = f"{item.id}_faceid.bin"
         write_atomic(item.out / FOLDERS["embeddings"] / target, lambda tmp: torch.save(embedding, tmp))
-        item.finish("embeddings", id_embed_file_resize=target, faces_found=len(faces))
+        for key in EMBEDDING_KEYS.values():
+            item.record.pop(key, None)
+        item.finish("embeddings", **{EMBEDDING_KEYS[used]: target}, faces_found=len(faces))
 
 
 def template_face_caption(labels: Iterable[int]) -> str:
@@ -286,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             elif stage == "parsing":
                 stage_parsing(active, Path(args.face_parser), args.device, progress)
             elif stage == "embeddings":
-                stage_embeddings(active, Path(args.insightface_root), args.insightface_name, args.det_size, progress)
+                stage_embeddings(active, Path(args.insightface_root), args.insightface_name, args.det_size, progress, args.id_embedding_from)
             elif stage == "captions":
                 stage_captions(active, args.caption_model, args.device, progress)
     if "fuse" in stages:
@@ -315,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--insightface-root", help="folder holding models/<name>/*.onnx (ComfyUI's models/insightface)")
     parser.add_argument("--insightface-name", default="buffalo_l")
     parser.add_argument("--det-size", type=int, default=640, help="InsightFace detection size (640, as the original)")
+    parser.add_argument("--id-embedding-from", choices=EMBEDDING_SOURCES, default="original",
+                        help="ID embedding from the photo as it is (default) or from the 512² squashed copy (the original's)")
     parser.add_argument("--caption-model", help="local image-text-to-text model folder; omit for template captions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shard", default="0/1", help="i/n: this job's share of the images; auto: from accelerate/torchrun")

@@ -302,10 +302,10 @@ def test_bf16_mixed_precision_run(comfy, data, tmp_path):
 
 
 def _launch_two_processes(comfy, data, out, records, **train):
-    """``accelerate launch`` with 2 CPU processes (torchrun + gloo) of train.fit's command line."""
+    """The documented CPU launch (``train/configs/accelerate/cpu_2proc.yaml``: 2 processes, torchrun + gloo)."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "train" / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port", "0",
         str(REPO / "tests" / "comfy_train" / "ranks.py"), "--config", str(REPO / "train" / "configs" / "sd15.yaml"),
         *[arg for pair in (("--set", o) for o in _overrides(comfy, data, out, **train)) for arg in pair],
     ]
