@@ -22,6 +22,7 @@ from .checkpoint.io import ReleaseStateDicts, read_checkpoint, split_state_dicts
 from .checkpoint.layout import TOPOLOGIES, ProcessorSlot, UNetTopology, processor_slots, topology_for
 from .errors import CheckpointFormatError
 from .models import LORA_TARGETS, AttentionAdapter, FacialEncoder, IDProjection
+from .prompt.parts import PAIRINGS
 
 #: Release defaults (``ConsistentID-v1.bin``): LoRA rank and number of ID tokens.
 RELEASE_LORA_RANK = 128
@@ -49,6 +50,9 @@ class ConsistentIDAdapter(nn.Module):
             for slot, layer in zip(processor_slots(topology), layers)
         ]
         self._check_consistency()
+        self.pairing = "original"
+        """Facial token ↔ crop pairing it was trained with (``consistentid_core.prompt.parts.PAIRINGS``);
+        read from and written to the file's metadata; the released weights are ``original``."""
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -84,9 +88,14 @@ class ConsistentIDAdapter(nn.Module):
         for index, (layer, params) in enumerate(zip(layers, state.adapter_modules.values())):
             _load_strict(layer, params, f"{source}: adapter_modules.{index}")
         try:
-            return cls(facial, id_projection, layers, topology)
+            adapter = cls(facial, id_projection, layers, topology)
         except ValueError as exc:
             raise CheckpointFormatError(f"{source}: {exc}") from exc
+        pairing = state.metadata.get("pairing", "original")
+        if pairing not in PAIRINGS:
+            raise CheckpointFormatError(f"{source}: unknown facial pairing {pairing!r} in its metadata (known: {', '.join(PAIRINGS)})")
+        adapter.pairing = pairing
+        return adapter
 
     @classmethod
     def create(
@@ -250,7 +259,7 @@ class ConsistentIDAdapter(nn.Module):
             path,
             self.release_state_dicts(),
             image_proj_key="image_proj" if self.base_model == "sd15" else "image_proj_model",
-            metadata={"format": "pt", "base_model": self.base_model, "lora_rank": str(self.lora_rank)},
+            metadata={"format": "pt", "base_model": self.base_model, "lora_rank": str(self.lora_rank), "pairing": self.pairing},
         )
 
 

@@ -39,7 +39,7 @@ FACE_SUFFIX = ".safetensors"
 BASE_MODEL_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 _RESERVED = {
     "format", "format_version", "base_model", "face_caption", "clip_width", "id_embedding_dim", "context_dim",
-    "region_labels", "used_images", "skipped_images", "image_sizes", "image_regions",
+    "region_labels", "used_images", "skipped_images", "image_sizes", "image_regions", "paired_region_labels",
 }
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a face header is a few KiB; larger means another kind of file
 _FEATURE_TENSORS = ("id_embedding", "face_hidden_states", "uncond_face_hidden_states", "uncond_region_hidden_states")
@@ -96,6 +96,8 @@ def _flatten(face: StoredFace) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     features = face.features
     tensors = {name: _tensor(getattr(features, name)) for name in _FEATURE_TENSORS}
     tensors.update({f"region.{label}": _tensor(h) for label, h in features.region_hidden_states.items()})
+    paired = features.paired_region_hidden_states
+    tensors.update({f"paired_region.{label}": _tensor(h) for label, h in (paired or {}).items()})
     for k, labels in enumerate(features.parsing_labels):
         tensors[f"image.{k}.labels"] = _tensor(labels)
     for k, preview in enumerate(features.parsing_previews):
@@ -116,6 +118,7 @@ def _flatten(face: StoredFace) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         "clip_width": str(face.clip_width),
         "id_embedding_dim": str(int(features.id_embedding.shape[-1])),
         "region_labels": json.dumps([int(label) for label in features.region_hidden_states]),
+        **({"paired_region_labels": json.dumps([int(label) for label in paired])} if paired is not None else {}),
         "image_regions": json.dumps([[int(label) for label in masks] for masks in features.region_masks]),
         "used_images": json.dumps(list(features.used_images)),
         "skipped_images": json.dumps(list(features.skipped_images)),
@@ -191,6 +194,10 @@ def load_face(path: str | os.PathLike) -> StoredFace:
         features = FaceFeatures(
             **{name: tensors[name] for name in _FEATURE_TENSORS},
             region_hidden_states={int(label): tensors[f"region.{label}"] for label in region_labels},
+            paired_region_hidden_states=(
+                {int(label): tensors[f"paired_region.{label}"] for label in json.loads(meta["paired_region_labels"])}
+                if "paired_region_labels" in meta else None  # saved before union crops existed
+            ),
             region_masks=tuple({int(l): tensors[f"image.{k}.mask.{l}"].numpy() for l in labels}
                                for k, labels in enumerate(image_regions)),
             parsing_labels=tuple(tensors[f"image.{k}.labels"].numpy() for k in range(images)),

@@ -44,7 +44,7 @@ from consistentid_core.face import (
     to_rgb_uint8,
     uncond_pixel_values,
 )
-from consistentid_core.face.labels import FaceLabel
+from consistentid_core.face.labels import FACIAL_PART_LABELS, FaceLabel
 
 __all__ = ["ClipHiddenStates", "FaceFeatures", "FACE_MASK_LABELS", "extract_face_features", "face_id_tokens", "face_mask"]
 
@@ -89,6 +89,10 @@ class FaceFeatures:
     used_images: tuple[int, ...] = ()
     skipped_images: tuple[int, ...] = ()
     image_sizes: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+    paired_region_hidden_states: Mapping[int, torch.Tensor] | None = field(default=None, repr=False)
+    """Hidden states of the union crops (both eyes, both ears, both lips), keyed like
+    ``region_hidden_states``, for parts where both labels were found: what adapters trained with the
+    ``corrected`` pairing read. ``None``: not computed (encoded for an ``original`` adapter)."""
 
     @property
     def present_labels(self) -> frozenset[int]:
@@ -102,12 +106,19 @@ class FaceFeatures:
     def clip_embedding_dim(self) -> int:
         return int(self.uncond_face_hidden_states.shape[-1])
 
-    def region_stack(self, labels: Sequence[int], slots: int) -> torch.Tensor:
+    def region_stack(self, labels: Sequence[int], slots: int, pairing: str = "original") -> torch.Tensor:
         """``(slots, L, E)``: the hidden states of ``labels`` in order, then unconditional padding
-        (the original pads unused slots with CLIP of zero pixels)."""
+        (the original pads unused slots with CLIP of zero pixels). ``pairing="corrected"`` takes the
+        union crop of a part where there is one."""
         if len(labels) > slots:
             raise ValueError(f"{len(labels)} regions requested, only {slots} slots")
-        rows = [self.region_hidden_states[int(label)] for label in labels]
+        paired = {}
+        if pairing == "corrected":
+            if self.paired_region_hidden_states is None:
+                raise ValueError("this face was encoded for an adapter with the original pairing; encode it again with "
+                                 "the adapter trained with corrected pairing (it needs the crops of both eyes, ears and lips)")
+            paired = self.paired_region_hidden_states
+        rows = [paired.get(int(label), self.region_hidden_states[int(label)]) for label in labels]
         rows += [self.uncond_region_hidden_states] * (slots - len(rows))
         return torch.stack(rows)
 
@@ -131,6 +142,13 @@ class _Analysis:
     id_embedding: np.ndarray
     labels: np.ndarray | None = None
     regions: dict[int, np.ndarray] = field(default_factory=dict)
+    paired: dict[int, np.ndarray] = field(default_factory=dict)  # union masks of two-label parts
+
+
+def _part_members(labels: np.ndarray, label: int) -> list[int]:
+    """The labels of ``label``'s part present in ``labels`` (both eyes, or one)."""
+    present = {int(v) for v in np.unique(labels)}
+    return [int(m) for m in FACIAL_PART_LABELS[LABEL_TO_PART[label]] if int(m) in present]
 
 
 def _as_images(images: Any) -> list[Any]:
@@ -179,6 +197,7 @@ def extract_face_features(
     face_index: int | None = None,
     on_no_face: Literal["error", "skip"] = "error",
     progress: ProgressFn | None = None,
+    pairing: str = "original",
 ) -> FaceFeatures:
     """Analyse one or several reference images (RGB; see ``face.to_rgb_uint8`` for formats).
 
@@ -186,7 +205,8 @@ def extract_face_features(
     ``face_parser``: a ``face.FaceParser``. ``on_no_face="skip"`` leaves images without a face out
     (all of them: an empty result, :attr:`FaceFeatures.is_empty`); ``"error"`` raises
     NoFaceDetected / FaceIndexError naming the image. ``progress(done, total)`` is called as work
-    completes (identity, parsing and crops per image, then the CLIP batch).
+    completes (identity, parsing and crops per image, then the CLIP batch). ``pairing="corrected"``
+    (an adapter trained with it) also encodes the union crops of two-label parts (both eyes, ears, lips).
     """
     if on_no_face not in ("error", "skip"):
         raise ValueError(f"on_no_face must be 'error' or 'skip', got {on_no_face!r}")
@@ -206,6 +226,9 @@ def extract_face_features(
         for analysis, labels in zip(analyses, face_parser.parse([a.image for a in analyses])):
             analysis.labels = labels
             analysis.regions = facial_regions(labels)
+            if pairing == "corrected":
+                union = facial_regions(labels, "corrected")
+                analysis.paired = {label: union[label] for label in union if len(_part_members(labels, label)) > 1}
     tick()
 
     pixels, owners = [], []  # owners: (analysis position, label or None for the whole image)
@@ -214,9 +237,11 @@ def extract_face_features(
         owners.append((position, None))
     for position, analysis in enumerate(analyses):
         crops = [masked_region_image(analysis.image, mask) for mask in analysis.regions.values()]
+        crops += [masked_region_image(analysis.image, mask) for mask in analysis.paired.values()]
         if crops:
             pixels.append(clip_pixel_values(crops))
             owners.extend((position, label) for label in analysis.regions)
+            owners.extend((position, ("paired", label)) for label in analysis.paired)
         tick()
     tick(len(skipped))
     pixels.append(uncond_pixel_values(1))
@@ -231,11 +256,16 @@ def extract_face_features(
 
     whole = [hidden[i] for i, (_, label) in enumerate(owners) if label is None]
     by_part: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    paired_by_part: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for i, (_, label) in enumerate(owners):
-        if label is not None:
+        if isinstance(label, tuple):
+            paired_by_part.setdefault(LABEL_TO_PART[label[1]], []).append((label[1], hidden[i]))
+        elif label is not None:
             by_part.setdefault(LABEL_TO_PART[label], []).append((label, hidden[i]))
     # One label per part across images: the lowest, as one image's de-duplication would choose.
     regions = {min(l for l, _ in rows): torch.stack([h for _, h in rows]).mean(0) for rows in by_part.values()}
+    key_of_part = {LABEL_TO_PART[label]: label for label in regions}
+    paired = {key_of_part[part]: torch.stack([h for _, h in rows]).mean(0) for part, rows in paired_by_part.items()}
 
     if analyses:
         id_embedding = _mean_unit([a.id_embedding for a in analyses])
@@ -256,6 +286,7 @@ def extract_face_features(
         used_images=tuple(a.index for a in analyses),
         skipped_images=tuple(skipped),
         image_sizes=tuple(a.image.shape[:2] for a in analyses),
+        paired_region_hidden_states=dict(sorted(paired.items())) if pairing == "corrected" else None,
     )
 
 

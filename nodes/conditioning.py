@@ -149,6 +149,7 @@ def encode_conditioning(
         labels,
         tokenizer,
         detail_prefix=SDXL_DETAIL_PREFIX if base_model == "sdxl" else DETAIL_PREFIX,
+        pairing=adapter.pairing,  # the file's metadata; the released weights: original
     )
     facial_cond, facial_pooled = _encode_ids(clip, base_model, prompt.input_ids, eos)
     if base_model == "sdxl":
@@ -160,7 +161,7 @@ def encode_conditioning(
     token_mask = torch.tensor(prompt.facial_token_mask, dtype=torch.bool)[None]
     valid = torch.tensor(prompt.valid_region_mask, dtype=torch.bool)[None]
     with torch.no_grad():
-        regions = face.region_stack(prompt.region_labels, MAX_FACIAL_SLOTS)[None]
+        regions = face.region_stack(prompt.region_labels, MAX_FACIAL_SLOTS, adapter.pairing)[None]
         fused = adapter.facial_encoder(facial_cond, regions, token_mask, valid, weight=facial_weight)
         uncond_regions = face.uncond_region_stack(MAX_FACIAL_SLOTS)[None]
         fused_negative = adapter.facial_encoder(negative_cond, uncond_regions, token_mask, valid, weight=facial_weight)

@@ -93,6 +93,7 @@ class EncodeFace(io.ComfyNode):
         progress = comfy.utils.ProgressBar(1)
         try:
             hidden_states = clip_vision_hidden_states(clip_vision)
+            adapter = load_adapter(consistentid)
             face_parser.to(comfy.model_management.get_torch_device())
             try:
                 features = extract_face_features(
@@ -103,10 +104,11 @@ class EncodeFace(io.ComfyNode):
                     face_index=face_index,
                     on_no_face=on_no_face,
                     progress=lambda done, total: progress.update_absolute(done, total),
+                    pairing=adapter.pairing,  # corrected adapters also need the union crops
                 )
             finally:
                 face_parser.to(comfy.model_management.unet_offload_device())
-            id_tokens, uncond_id_tokens = face_id_tokens(load_adapter(consistentid), features)
+            id_tokens, uncond_id_tokens = face_id_tokens(adapter, features)
         except USER_ERRORS as error:
             raise user_error(NODE_NAME, error) from error
 

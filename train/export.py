@@ -12,6 +12,7 @@ reports success.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from consistentid_core import CheckpointFormatError, ConsistentIDAdapter
 from consistentid_core.checkpoint.io import ReleaseStateDicts
 
-from .checkpointing import find_checkpoint
+from .checkpointing import STATE_FILE, find_checkpoint
 from .ema import EMA_FILE
 
 logger = logging.getLogger("train.export")
@@ -70,16 +71,27 @@ def release_state_dicts(training_state: dict[str, torch.Tensor], source: str = "
     return ReleaseStateDicts(facial, image_proj, dict(sorted(layers.items())))
 
 
-def adapter_from_training_state(state: dict[str, torch.Tensor], source: str = "checkpoint") -> ConsistentIDAdapter:
-    return ConsistentIDAdapter.from_state_dicts(release_state_dicts(state, source), source=source)
+def adapter_from_training_state(state: dict[str, torch.Tensor], source: str = "checkpoint", pairing: str = "original") -> ConsistentIDAdapter:
+    adapter = ConsistentIDAdapter.from_state_dicts(release_state_dicts(state, source), source=source)
+    adapter.pairing = pairing
+    return adapter
+
+
+def trained_pairing(weights: Path) -> str:
+    """``model.pairing`` of the run that wrote a checkpoint (its ``trainer_state.json``), else ``original``."""
+    state = weights.parent / STATE_FILE
+    if not state.is_file():
+        return "original"
+    return json.loads(state.read_text(encoding="utf-8")).get("config", {}).get("model", {}).get("pairing", "original")
 
 
 def load_trained_adapter(path: str | Path, weights: str = "auto") -> ConsistentIDAdapter:
     from safetensors.torch import load_file
 
     found = checkpoint_weights(path, weights)
-    logger.info("exporting %s", found)
-    return adapter_from_training_state(load_file(str(found)), str(found))
+    pairing = trained_pairing(found)
+    logger.info("exporting %s (%s pairing)", found, pairing)
+    return adapter_from_training_state(load_file(str(found)), str(found), pairing)
 
 
 def export(checkpoint: str | Path, outputs: list[str | Path], dtype: str = "fp32", weights: str = "auto") -> ConsistentIDAdapter:

@@ -87,10 +87,15 @@ def build_adapter(config: Config, host: Host) -> ConsistentIDAdapter:
         adapter = ConsistentIDAdapter.load(config.model.init_from, dtype=torch.float32)
         if adapter.base_model != host.base_model:
             raise ModelMismatch(f"{config.model.init_from} is a {adapter.base_model} adapter, the checkpoint is {host.base_model}")
+        if adapter.pairing != config.model.pairing:
+            logger.warning("%s was trained with %s pairing; fine-tuning it with %s pairing (model.pairing)",
+                           config.model.init_from, adapter.pairing, config.model.pairing)
+        adapter.pairing = config.model.pairing
         return adapter
     dims = {**host.adapter_dims, **config.model.adapter_dims}
     adapter = ConsistentIDAdapter.create(host.base_model, lora_rank=config.model.lora_rank, num_tokens=config.model.num_tokens, **dims)
     init_id_key_value_from_base(adapter, host.base_weights())
+    adapter.pairing = config.model.pairing
     if from_ipadapter:
         init_from_ipadapter_faceid(adapter, config.model.init_from)
     return adapter
@@ -189,7 +194,8 @@ def run(config: Config) -> dict[str, Any]:
     host = make_host(config.model, accelerator.device, frozen_dtype, config.train.gradient_checkpointing)
     dataset = FGIDDataset(
         records, roots, host.tokenizer,
-        SampleOptions(size=config.data.resolution, missing_id_embedding="error" if config.data.missing_id_embedding == "error" else "zeros"),
+        SampleOptions(size=config.data.resolution, missing_id_embedding="error" if config.data.missing_id_embedding == "error" else "zeros",
+                      pairing=config.model.pairing),
         drop_prob=config.data.drop_prob, seed=config.train.seed,
     )
     adapter = build_adapter(config, host).to(accelerator.device)
@@ -261,7 +267,7 @@ def run(config: Config) -> dict[str, Any]:
         if config.train.sample_every and state["step"] % config.train.sample_every == 0 and accelerator.is_main_process:
             metrics.sample(accelerator.unwrap_model(module), records, roots, state["step"])
     if accelerator.is_main_process:
-        final = adapter_from_training_state(ema.state_dict()) if ema is not None else accelerator.unwrap_model(module).adapter
+        final = adapter_from_training_state(ema.state_dict(), pairing=config.model.pairing) if ema is not None else accelerator.unwrap_model(module).adapter
         final.save(out / FINAL_ADAPTER)
         logger.info("adapter written to %s%s", out / FINAL_ADAPTER, " (EMA weights)" if ema is not None else "")
     digests = check_replicas(accelerator, module)

@@ -26,8 +26,8 @@ from .step import TrainingModule
 def _conditions(module: TrainingModule, record: FGIDRecord, roots: DataRoots, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     host, adapter = module.host, module.adapter
     rgb = np.asarray(Image.open(roots.image(record)).convert("RGB"))
-    regions = facial_regions(load_parsing_map(roots.parsing_map(record), record))
-    built = [build_facial_prompt(p, None, regions.keys(), host.tokenizer) for p in prompts]
+    regions = facial_regions(load_parsing_map(roots.parsing_map(record), record), adapter.pairing)
+    built = [build_facial_prompt(p, None, regions.keys(), host.tokenizer, pairing=adapter.pairing) for p in prompts]
     n = len(prompts)
     ids = torch.tensor([b.input_ids for b in built], device=host.device)
     text_only = torch.tensor([b.text_only_input_ids for b in built], device=host.device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ FACIAL_ENCODER = "FacialEncoder"
 IMAGE_PROJ_KEYS = ("image_proj", "image_proj_model")
 ADAPTER_MODULES = "adapter_modules"
 SAFETENSORS_SUFFIX = ".safetensors"
+METADATA_KEY = "consistentid_metadata"
+"""``.bin`` only: a dict of strings beside the state dicts (``.safetensors`` keeps it in its header)."""
 
 # Top-level keys of neighbouring formats, to tell users what they picked up instead.
 _FOREIGN_FORMATS = (
@@ -43,6 +45,7 @@ class ReleaseStateDicts:
     facial_encoder: dict[str, torch.Tensor]
     image_proj: dict[str, torch.Tensor]
     adapter_modules: dict[int, dict[str, torch.Tensor]]  # processor index → its tensors
+    metadata: dict[str, str] = field(default_factory=dict)  # e.g. {"pairing": "corrected"}
 
 
 def read_checkpoint(path: str | os.PathLike) -> ReleaseStateDicts:
@@ -56,7 +59,13 @@ def read_checkpoint(path: str | os.PathLike) -> ReleaseStateDicts:
     if path.stat().st_size == 0:
         raise CheckpointFormatError(f"{path.name} is an empty file; the download did not finish. Download it again.")
     raw = _read_safetensors(path) if path.suffix == SAFETENSORS_SUFFIX else _read_pickle(path)
-    return split_state_dicts(raw, source=path.name)
+    state = split_state_dicts(raw, source=path.name)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            state.metadata = dict(handle.metadata() or {})
+    return state
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -99,10 +108,12 @@ def split_state_dicts(raw: dict, source: str = "checkpoint") -> ReleaseStateDict
     for key in (FACIAL_ENCODER, image_proj_key, ADAPTER_MODULES):
         if not isinstance(nested[key], dict) or not all(isinstance(v, torch.Tensor) for v in nested[key].values()):
             raise CheckpointFormatError(f"{source}: '{key}' is not a dict of tensors.")
+    metadata = raw.get(METADATA_KEY) if isinstance(raw.get(METADATA_KEY), dict) else {}
     return ReleaseStateDicts(
         facial_encoder=dict(nested[FACIAL_ENCODER]),
         image_proj=dict(nested[image_proj_key]),
         adapter_modules=_group_processors(nested[ADAPTER_MODULES], source),
+        metadata={str(k): str(v) for k, v in metadata.items()},
     )
 
 
@@ -168,6 +179,8 @@ def write_checkpoint(
                 image_proj_key: _detached(state_dicts.image_proj),
                 ADAPTER_MODULES: _detached(adapter_flat),
             }
+            if metadata and metadata.get("pairing", "original") != "original":  # release-identical otherwise
+                nested[METADATA_KEY] = {"pairing": metadata["pairing"]}
             torch.save(nested, tmp_name)
         os.replace(tmp_name, path)
     finally:

@@ -66,6 +66,7 @@ TENSOR_FIELDS = (
 class SampleOptions:
     size: int = 512
     missing_id_embedding: str = "zeros"  # "zeros" (the original) or "error"
+    pairing: str = "original"  # facial token ↔ crop pairing (consistentid_core.prompt.parts.PAIRINGS)
 
 
 def _open_image(path: Path, what: str, record: FGIDRecord) -> Image.Image:
@@ -164,8 +165,8 @@ def build_sample(
     rgb = to_rgb_uint8(np.asarray(raw.convert("RGB")))
     image = Image.fromarray(rgb)
     labels = load_parsing_map(roots.parsing_map(record), record)
-    regions = facial_regions(labels)
-    prompt = build_training_prompt(record.face_caption, record.caption, regions.keys(), tokenizer, drop_text=drop)
+    regions = facial_regions(labels, options.pairing)
+    prompt = build_training_prompt(record.face_caption, record.caption, regions.keys(), tokenizer, drop_text=drop, pairing=options.pairing)
     used = [regions[label] for label in prompt.region_labels]
 
     foreground = without_background_mask(labels)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from consistentid_core.face.images import to_rgb_uint8
-from consistentid_core.face.labels import FaceLabel, select_facial_labels
+from consistentid_core.face.labels import FACIAL_PART_LABELS, FaceLabel, select_facial_labels
 
 __all__ = [
     "region_masks",
@@ -54,16 +54,27 @@ def without_background_mask(labels: np.ndarray) -> np.ndarray:
     return 255 - _label_mask(labels, FaceLabel.BACKGROUND)
 
 
-def facial_regions(labels: np.ndarray) -> dict[int, np.ndarray]:
+def facial_regions(labels: np.ndarray, pairing: str = "original") -> dict[int, np.ndarray]:
     """Masks of the facial parts ConsistentID crops, keyed by label id in ascending order.
 
-    Face (skin), then one eye, one ear, the nose and one lip: of each pair only the lower
-    id present is kept (Left_Eye over Right_Eye, Upper_Lip over Lower_Lip), exactly the
-    original's dedupe (reference §4.15-16). This order is the crop order the facial
-    tokens are paired with.
+    ``original``: face (skin), then one eye, one ear, the nose and one lip: of each pair only the
+    lower id present is kept (Left_Eye over Right_Eye, Upper_Lip over Lower_Lip), exactly the
+    original's dedupe (reference §4.15-16). ``corrected``: the same keys (the lower label present
+    names the part), but each mask is the filled union of every label of the part: both eyes, both
+    ears, both lips. Which token gets which crop is the prompt's business (``crop_order``).
     """
     chosen = select_facial_labels(np.unique(labels))
-    return {label: _label_mask(labels, label) for label in chosen}
+    if pairing == "original":
+        return {label: _label_mask(labels, label) for label in chosen}
+    if pairing != "corrected":
+        raise ValueError(f"pairing must be original or corrected; got {pairing!r}")
+    present = {int(v) for v in np.unique(labels)}
+    regions = {}
+    for label in chosen:
+        part = next(p for p in FACIAL_PART_LABELS.values() if label in p)
+        members = [int(m) for m in part if int(m) in present]
+        regions[label] = _filled_external_contours(np.isin(labels, members).astype(np.uint8) * 255)
+    return regions
 
 
 def masked_region_image(image_rgb: Any, mask: np.ndarray) -> np.ndarray:

@@ -118,12 +118,12 @@ def _check_text(name: str, value: Any) -> str:
     return value
 
 
-def _mark(face_caption: str, present_labels: Iterable[int]) -> MarkedCaption:
+def _mark(face_caption: str, present_labels: Iterable[int], pairing: str = "original") -> MarkedCaption:
     try:
         part_labels = select_part_labels(present_labels)
     except (TypeError, ValueError) as error:
         raise PromptError(f"present_labels must be BiSeNet label ids (integers): {error}") from error
-    return mark_caption(face_caption, part_labels)
+    return mark_caption(face_caption, part_labels, pairing)
 
 
 def _finish(marked_text: str, caption: MarkedCaption | None, layout: PromptLayout, tokenizer: Any) -> FacialPrompt:
@@ -157,6 +157,7 @@ def build_facial_prompt(
     tokenizer: Any,
     *,
     detail_prefix: str = DETAIL_PREFIX,
+    pairing: str = "original",
 ) -> FacialPrompt:
     """Build the inference facial prompt exactly as the original pipeline does.
 
@@ -166,7 +167,7 @@ def build_facial_prompt(
     """
     prompt = strip_user_markers(_check_text("prompt", prompt))
     face_caption = DEFAULT_FACE_CAPTION if face_caption is None else _check_text("face_caption", face_caption)
-    caption = _mark(face_caption, present_labels)
+    caption = _mark(face_caption, present_labels, pairing)
     if len(face_caption) > MAX_FACE_CAPTION_CHARS:
         return _finish(prompt, None, PromptLayout.WITHOUT_DETAIL, tokenizer)
     marked_text = prompt + detail_prefix + caption.text
@@ -190,6 +191,7 @@ def build_training_prompt(
     tokenizer: Any,
     *,
     drop_text: bool = False,
+    pairing: str = "original",
 ) -> FacialPrompt:
     """Build the training facial prompt exactly as the original dataset does.
 
@@ -199,7 +201,7 @@ def build_training_prompt(
     """
     detail_caption = _check_text("detail_caption", detail_caption)
     caption = strip_user_markers(_check_text("caption", caption))
-    marked = _mark(detail_caption, present_labels)
+    marked = _mark(detail_caption, present_labels, pairing)
     if drop_text:
         return _finish("", None, PromptLayout.TEXT_DROPPED, tokenizer)
     if len(marked.text) > MAX_TRAINING_MARKED_CAPTION_CHARS:

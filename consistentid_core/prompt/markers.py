@@ -42,7 +42,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from consistentid_core.prompt.parts import PARTS_BY_LABEL, PARTS_BY_MARKER, FacialPart
+from consistentid_core.prompt.parts import PARTS_BY_LABEL, PARTS_BY_MARKER, FacialPart, crop_order
 
 FACIAL_MARKER = "<|facial|>"
 """The marker the original adds to its tokenizer; the token before it is a facial token."""
@@ -65,11 +65,12 @@ class MarkedCaption:
 
     text: str
     part_labels: Mapping[FacialPart, int]
+    pairing: str = "original"
 
     @property
     def region_labels(self) -> tuple[int, ...]:
-        """Labels of the crops that fill the slots, in slot (crop) order."""
-        return tuple(self.part_labels[part] for part in PARTS_BY_LABEL if part in self.part_labels)
+        """Labels of the crops that fill the slots, in slot (crop) order of the pairing."""
+        return tuple(self.part_labels[part] for part in crop_order(self.pairing) if part in self.part_labels)
 
 
 def normalize_caption(caption: str) -> str:
@@ -109,7 +110,7 @@ def _extract_marked_clauses(text: str, parts: tuple[FacialPart, ...]) -> list[st
     return clauses
 
 
-def mark_caption(caption: str, part_labels: Mapping[FacialPart, int]) -> MarkedCaption:
+def mark_caption(caption: str, part_labels: Mapping[FacialPart, int], pairing: str = "original") -> MarkedCaption:
     """Turn a face caption into the original's aligned, marked caption (module docstring).
 
     ``part_labels`` gives the parts that have a region (see
@@ -129,4 +130,5 @@ def mark_caption(caption: str, part_labels: Mapping[FacialPart, int]) -> MarkedC
     return MarkedCaption(
         text=marked,
         part_labels={part: part_labels[part] for part in PARTS_BY_LABEL if part in kept},
+        pairing=pairing,
     )

@@ -61,6 +61,18 @@ PARTS_BY_LABEL: tuple[FacialPart, ...] = (FACE, EYES, EARS, NOSE, MOUTH)
 PARTS_BY_MARKER: tuple[FacialPart, ...] = (FACE, EARS, EYES, NOSE, MOUTH)
 """Caption order of the markers: the original's ``key_parsing_mask_markers`` walk."""
 
+PAIRINGS = ("original", "corrected")
+"""How facial tokens meet region crops. ``original``: the release's (crops in label order, one of each
+left/right pair); ``corrected``: crops in marker order, so every token gets its own part, and a part's
+region is the union of its labels (both eyes, both ears, both lips). Adapters store theirs."""
+
+
+def crop_order(pairing: str = "original") -> tuple[FacialPart, ...]:
+    """The part order of the region slots under ``pairing``."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}; got {pairing!r}")
+    return PARTS_BY_LABEL if pairing == "original" else PARTS_BY_MARKER
+
 
 def select_part_labels(present_labels: Iterable[int]) -> dict[FacialPart, int]:
     """Map each part that has a region to the one label whose crop represents it.

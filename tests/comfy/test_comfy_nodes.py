@@ -197,6 +197,36 @@ def test_fusion_touches_only_the_facial_tokens(comfy, loaded, monkeypatch, parts
     torch.testing.assert_close(unfused[1][0], plain)
 
 
+def test_an_adapter_trained_with_corrected_pairing_gets_each_part_its_own_union_crop(comfy, loaded, monkeypatch):
+    """The file's ``pairing`` decides which crop each facial token is fused with (the release: original)."""
+    import copy
+    import dataclasses
+
+    from consistentid_core.prompt import build_facial_prompt
+
+    api = _api(comfy)
+    clip, face = loaded["clip"], loaded["face"]
+    assert loaded["adapter"].pairing == "original"
+    corrected = copy.deepcopy(loaded["adapter"])
+    corrected.pairing = "corrected"
+    with pytest.raises(ValueError, match="encode it again"):  # a face encoded for an original adapter
+        api.encode_conditioning(clip, corrected, face.features, "a photo", "", face_caption=face.face_caption)
+    generator = torch.Generator().manual_seed(0)
+    features = dataclasses.replace(face.features, paired_region_hidden_states={
+        label: torch.randn(states.shape, generator=generator) for label, states in face.features.region_hidden_states.items()})
+    encoded = _record_encodings(monkeypatch, clip)
+    positive, _ = api.encode_conditioning(clip, corrected, features, "a photo", "", face_caption=face.face_caption)
+    prompt = build_facial_prompt("a photo", face.face_caption, features.present_labels, clip.tokenizer.clip_l.tokenizer, pairing="corrected")
+    regions = torch.stack([features.paired_region_hidden_states[label] for label in prompt.region_labels])
+    regions = torch.cat([regions, features.uncond_region_hidden_states.expand(5 - len(regions), -1, -1)])[None]
+    with torch.no_grad():
+        expected = corrected.facial_encoder(encoded[prompt.input_ids], regions, torch.tensor([prompt.facial_token_mask]),
+                                            torch.tensor([prompt.valid_region_mask]))
+    torch.testing.assert_close(positive[1][0], expected.to(positive[1][0].dtype))
+    original, _ = api.encode_conditioning(clip, loaded["adapter"], features, "a photo", "", face_caption=face.face_caption)
+    assert not torch.allclose(original[1][0], positive[1][0])
+
+
 def test_sdxl_clip_g_ids_are_padded_like_its_tokenizer(comfy, loaded, monkeypatch):
     clip = loaded["sdxl_clip"]
     seen = []
