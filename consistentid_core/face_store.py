@@ -1,4 +1,4 @@
-"""Saved faces: a reference identity (:class:`~consistentid_core.reference.FaceFeatures` plus its
+"""Saved faces: a reference identity (:class:`~consistentid_core.face_features.FaceFeatures` plus its
 caption and ID tokens) in one ``.safetensors`` file, so a person is reused without re-analysing
 the photos.
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from consistentid_core.errors import CheckpointFormatError, ConsistentIDError, ModelMismatch
-from consistentid_core.reference import FaceFeatures
+from consistentid_core.face_features import FaceFeatures
 
 __all__ = [
     "FACE_SUFFIX", "FORMAT", "FORMAT_VERSION", "FacePathError", "StoredFace", "adapter_face_dims",

@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from consistentid_core import ModelMismatch
-from consistentid_core.reference import face_id_tokens
+from consistentid_core.face_features import face_id_tokens
 
 from .conditioning import FACIAL_PARTS, encode_conditioning
 from .patch import BASE_MODEL_NAMES, adapter_id, patch_model

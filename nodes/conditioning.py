@@ -33,6 +33,7 @@ import torch
 
 from consistentid_core import ConsistentIDAdapter, ModelMismatch
 from consistentid_core.face.labels import FACIAL_PART_LABELS
+from consistentid_core.face_features import FaceFeatures
 from consistentid_core.prompt import (
     DEFAULT_FACE_CAPTION,
     DETAIL_PREFIX,
@@ -43,7 +44,6 @@ from consistentid_core.prompt import (
     encode_plain_text,
     strip_user_markers,
 )
-from consistentid_core.reference import FaceFeatures
 
 from .patch import BASE_MODEL_NAMES
 

@@ -21,11 +21,11 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from consistentid_core import __version__
+from consistentid_core.face_features import face_id_tokens
 from consistentid_core.face_store import (
     FACE_SUFFIX, StoredFace, adapter_face_dims, check_compatible, image_sha256, is_face_file, load_face, next_free_path,
     resolve_in, save_face,
 )
-from consistentid_core.reference import face_id_tokens
 
 from .patch import BASE_MODEL_NAMES, adapter_id
 from .runtime import USER_ERRORS, load_adapter, user_error

@@ -60,7 +60,7 @@ def load_adapter(adapter: ConsistentIDAdapter) -> ConsistentIDAdapter:
 
 
 def clip_vision_hidden_states(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``ClipHiddenStates`` callable (``consistentid_core.reference``) on ComfyUI's CLIP_VISION."""
+    """A ``ClipHiddenStates`` callable (``consistentid_core.face_features``) on ComfyUI's CLIP_VISION."""
     if getattr(clip_vision, "image_size", CLIP_IMAGE_SIZE) != CLIP_IMAGE_SIZE or getattr(
         clip_vision, "return_all_hidden_states", False
     ):

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from consistentid_core.errors import CheckpointFormatError, ModelMismatch
+from consistentid_core.face_features import FaceFeatures
 from consistentid_core.face_store import (
     FacePathError, StoredFace, adapter_face_dims, check_compatible, image_sha256, is_face_file, load_face, next_free_path,
     resolve_in, save_face,
 )
-from consistentid_core.reference import FaceFeatures
 from tests.fixtures.tiny_adapter import make_tiny_adapter
 
 TOKENS, WIDTH = 5, 32  # tiny CLIP vision: 5 tokens of width 32 (the tiny adapter's CLIP width)

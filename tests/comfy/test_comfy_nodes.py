@@ -229,11 +229,11 @@ def test_unknown_region_name_is_refused(comfy, loaded):
 def test_one_module_identity_for_the_core(comfy):
     """The package ComfyUI loaded and a script importing the core share the same classes."""
     import consistentid_core
-    import consistentid_core.reference
+    import consistentid_core.face_features
 
     nodes_package = comfy.package.nodes
     assert nodes_package.patch.ConsistentIDAdapter is consistentid_core.ConsistentIDAdapter
-    assert nodes_package.conditioning.FaceFeatures is consistentid_core.reference.FaceFeatures
+    assert nodes_package.conditioning.FaceFeatures is consistentid_core.face_features.FaceFeatures
 
 
 def test_model_folders_are_registered_with_model_extensions(comfy):

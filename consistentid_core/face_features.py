@@ -1,4 +1,4 @@
-"""Reference photos → the face features ConsistentID conditions on, for any CLIP vision host.
+"""Photos of a person → the face features ConsistentID conditions on, for any CLIP vision host.
 
 What the original pipeline computes from its one input image (``reference-semantics.md`` §4.22-27):
 

@@ -1,4 +1,4 @@
-"""consistentid_core.reference: reference photos → FaceFeatures, with InsightFace's real code path.
+"""consistentid_core.face_features: photos → FaceFeatures, with InsightFace's real code path.
 
 InsightFace runs the tiny ONNX pack (astronaut → one face, gray → none); the parser returns
 synthetic label maps (so the regions are known); CLIP is a fixed random function of the pixels
@@ -17,7 +17,7 @@ from consistentid_core import FaceIndexError, ImageFormatError, NoFaceDetected
 from consistentid_core.face import (
     FaceAnalyzer, FaceParser, clip_pixel_values, facial_regions, masked_region_image, uncond_pixel_values,
 )
-from consistentid_core.reference import FACE_MASK_LABELS, extract_face_features, face_id_tokens, face_mask
+from consistentid_core.face_features import FACE_MASK_LABELS, extract_face_features, face_id_tokens, face_mask
 from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
 from tests.fixtures.tiny_adapter import make_tiny_adapter
 
