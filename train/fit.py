@@ -33,11 +33,15 @@ from consistentid_core.data import (
 )
 
 from .attention_patch import init_id_key_value_from_base
+from .cache import open_cache
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, load_config
 from .hosts import Host, make_host
+from .shards import ShardStream, cache_loader
+from .split import split_by_identity
 from .step import LossConfig, TrainingModule, step_generator
 from .tracking import MetricsLogger
+from .validation import Validator
 
 logger = logging.getLogger("train.fit")
 
@@ -51,8 +55,22 @@ def data_roots(config: Config) -> DataRoots:
     return DataRoots.of(images, config.data.parsing_root, config.data.id_embedding_root)
 
 
-def load_records(config: Config) -> tuple[list, DataRoots]:
-    """Valid rows of the training JSON; rejected rows are logged with their reasons."""
+def keep_existing(records: list, roots: DataRoots, problems: list | None = None) -> list:
+    """The rows whose files exist; the others are added to ``problems`` (or logged)."""
+    found = check_files(records, roots)
+    bad = {p.index for p in found}
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        logger.warning("%d rows dropped, files missing; first: %s", len(found), found[0])
+    return [r for r in records if r.index not in bad]
+
+
+def load_records(config: Config, check: bool = True) -> tuple[list, DataRoots]:
+    """Valid rows of the training JSON; rejected rows are logged with their reasons.
+
+    ``check=False`` skips the per-file existence check (rows read from the feature cache need none).
+    """
     index = read_fgid(config.data.json, KeyChoice(config.data.image_key, config.data.face_caption_key))
     roots = data_roots(config)
     records = index.records
@@ -61,11 +79,8 @@ def load_records(config: Config) -> tuple[list, DataRoots]:
         records = [r for r in records if r.id_embedding is not None]
         if without:
             logger.info("%d rows without an ID embedding skipped (data.missing_id_embedding: skip)", len(without))
-    if config.data.check_files:
-        problems = check_files(records, roots)
-        bad = {p.index for p in problems}
-        records = [r for r in records if r.index not in bad]
-        index.problems.extend(problems)
+    if check and config.data.check_files:
+        records = keep_existing(records, roots, index.problems)
     logger.info(index.summary())
     if not records:
         raise ConfigError(f"no usable training rows in {config.data.json}")
@@ -135,12 +150,17 @@ def run(config: Config) -> dict[str, Any]:
     set_seed(config.train.seed)
     frozen_dtype = PRECISION_DTYPES[config.train.mixed_precision] if accelerator.device.type == "cuda" else torch.float32
     host = make_host(config.model, accelerator.device, frozen_dtype, config.train.gradient_checkpointing)
-    records, roots = load_records(config)
-    dataset = FGIDDataset(
-        records, roots, host.tokenizer,
-        SampleOptions(size=config.data.resolution, missing_id_embedding="error" if config.data.missing_id_embedding == "error" else "zeros"),
-        drop_prob=config.data.drop_prob, seed=config.train.seed,
-    )
+    records, roots = load_records(config, check=False)
+    split = split_by_identity(records, config.data.validation_identities, config.data.validation_seed)
+    cache = open_cache(config, host.base_model, split)
+    if config.data.check_files:  # rows read from the feature cache need no files
+        held_out = keep_existing(split.held_out, roots)
+        records = split.train if cache is not None else keep_existing(split.train, roots)
+    else:
+        held_out, records = split.held_out, split.train
+    if not records:
+        raise ConfigError(f"no usable training rows in {config.data.json}")
+    logger.info("%d training rows, %d held-out rows of %d identities", len(records), len(held_out), len(split.held_out_identities))
     adapter = build_adapter(config, host).to(accelerator.device)
     losses = LossConfig(
         config.train.facial_weight, config.train.mask_loss_prob, config.train.localization_layers,
@@ -161,13 +181,24 @@ def run(config: Config) -> dict[str, Any]:
         state.update(load_checkpoint(accelerator, resume_from)["state"])
         logger.info("resumed from %s at step %d", resume_from, state["step"])
     accum = config.train.gradient_accumulation_steps
-    sampler = ResumableBatchSampler(
-        len(dataset), config.train.batch_size, accelerator.num_processes, accelerator.process_index,
-        seed=config.train.seed, start_batch=state["step"] * accum,
-    )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers,
-                        pin_memory=accelerator.device.type == "cuda")
+    pin = accelerator.device.type == "cuda"
+    if cache is not None:
+        stream = ShardStream(cache, config.train.batch_size, accelerator.process_index, accelerator.num_processes,
+                             config.train.seed, state["step"] * accum, config.data.drop_prob, config.data.shuffle_buffer)
+        loader = cache_loader(stream, config.data.num_workers, pin)
+    else:
+        dataset = FGIDDataset(
+            records, roots, host.tokenizer,
+            SampleOptions(size=config.data.resolution, missing_id_embedding="error" if config.data.missing_id_embedding == "error" else "zeros"),
+            drop_prob=config.data.drop_prob, seed=config.train.seed,
+        )
+        sampler = ResumableBatchSampler(
+            len(dataset), config.train.batch_size, accelerator.num_processes, accelerator.process_index,
+            seed=config.train.seed, start_batch=state["step"] * accum,
+        )
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers, pin_memory=pin)
     metrics = MetricsLogger(accelerator, out, config)
+    validator = Validator(config, held_out, roots, host.tokenizer, out) if held_out else None
     batches = iter(loader)
     params = [p for p in adapter.parameters() if p.requires_grad]
     last: dict[str, float] = {}
@@ -205,6 +236,8 @@ def run(config: Config) -> dict[str, Any]:
                     "rate, use bf16 instead of fp16, or resume from the last checkpoint."
                 )
         last = metrics.step(state["step"], totals, float(grad_norm), scheduler.get_last_lr()[0], time.perf_counter() - started, state)
+        if validator is not None and validator.due(state["step"]):
+            validator.run(accelerator, accelerator.unwrap_model(module), state["step"], metrics)
         if state["step"] % config.train.checkpoint_every == 0 or state["step"] == config.train.max_steps:
             save_checkpoint(accelerator, out, state["step"], {"state": state, "config": config.to_dict()}, config.train.keep_checkpoints)
         if config.train.sample_every and state["step"] % config.train.sample_every == 0 and accelerator.is_main_process:
