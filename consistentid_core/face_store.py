@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from consistentid_core.checkpoint.io import unusable_file
 from consistentid_core.errors import CheckpointFormatError, ConsistentIDError, ModelMismatch
 from consistentid_core.face_features import FaceFeatures
 
@@ -167,8 +168,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises several error types for damaged files
-        raise CheckpointFormatError(f"{path.name} is not a readable .safetensors file ({error}); it is damaged or "
-                                    "not a saved face. Save the face again.") from error
+        raise unusable_file(path, "face file", "it is not a readable .safetensors file (damaged, or not a saved face)",
+                            "save the face again with ConsistentID Save Face") from error
     return tensors, metadata
 
 

@@ -117,7 +117,7 @@ def user_error(node_name: str, error: Exception) -> NodeError:
         "CheckpointFormatError": "Unreadable model file",
         "PromptError": "Prompt problem",
     }.get(type(error).__name__, "Invalid input")
-    return NodeError(f"{node_name}: {kind}. {error}")
+    return NodeError(f"{node_name} ({kind}): {error}")
 
 
 USER_ERRORS = (ConsistentIDError, ValueError)

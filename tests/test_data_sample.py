@@ -157,7 +157,7 @@ def _record_with(synthetic, tmp_path, **changes):
         (lambda p: (Image.new("RGB", (8, 8)).save(p / "c.png"), {"parsing_mask_IMG": str(p / "c.png")})[1], "colour preview"),
         (lambda p: (Image.fromarray(np.full((8, 8), 40, np.uint8)).save(p / "l.png"), {"parsing_mask_IMG": str(p / "l.png")})[1], "label 40"),
         (lambda p: (torch.save(torch.zeros(3), p / "e.bin"), {"id_embed_file_resize": str(p / "e.bin")})[1], r"shape \(3,\)"),
-        (lambda p: ((p / "t.bin").write_bytes(b"junk"), {"id_embed_file_resize": str(p / "t.bin")})[1], "unreadable"),
+        (lambda p: ((p / "t.bin").write_bytes(b"junk"), {"id_embed_file_resize": str(p / "t.bin")})[1], "unusable"),
     ],
 )
 def test_broken_files_raise_errors_naming_the_row_and_the_file(synthetic, tmp_path, make, message):

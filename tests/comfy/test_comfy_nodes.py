@@ -305,3 +305,19 @@ def test_unconditional_clip_features_are_encoded_once_per_clip_model(comfy, load
     with torch.inference_mode():
         direct = clip_vision.model(pixel_values=pixels[1:2], intermediate_output=-2)[1].float()
     assert torch.allclose(first[1], direct[0], atol=1e-5)
+
+
+def test_damaged_parser_file_gives_one_sentence_without_unsafe_advice(comfy):
+    """Random bytes as face_parsing.pth: one short sentence (not PyTorch's 989-character weights-only text)."""
+    import numpy as np
+
+    (comfy.models_dir / "face_parsing" / "damaged.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    comfy.folder_paths.filename_list_cache.pop("face_parsing", None)
+    try:
+        message = _error_message(comfy.runner.run(_portrait(**{PARSER: {"parser_name": "damaged.pth"}})))
+    finally:
+        (comfy.models_dir / "face_parsing" / "damaged.pth").unlink()
+        comfy.folder_paths.filename_list_cache.pop("face_parsing", None)
+    assert message.startswith("Load Face Parser (Unreadable model file): damaged.pth is not a usable face parser")
+    assert "download face_parsing.pth again" in message and len(message) < 300
+    assert "weights_only" not in message and "False" not in message
