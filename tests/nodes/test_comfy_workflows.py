@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import cid_workflows as wf
+from tests.fixtures import cid_workflows as wf
 
 SD15_CROSS_ATTENTION_LAYERS = 16
 SDXL_CROSS_ATTENTION_LAYERS = 70

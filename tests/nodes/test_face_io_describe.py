@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import cid_workflows as wf
+from tests.fixtures import cid_workflows as wf
 from consistentid_core.prompt import DEFAULT_FACE_CAPTION, SDXL_DEFAULT_FACE_CAPTION
 from test_face_io import register_nodes
-from tests.test_caption import build_tiny_vlm
+from tests.fixtures.tiny_vlm import build_tiny_vlm
 
 DESCRIBE = "40"
 

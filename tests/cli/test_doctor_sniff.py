@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from consistentid_cli.model_files import identify
 from consistentid_cli.sniff import SniffError, TensorInfo, flatten, read_tensor_infos
 
-RELEASE_KEYS = Path(__file__).resolve().parent / "data" / "ckpt-keys-sd15.txt"
+RELEASE_KEYS = Path(__file__).resolve().parents[1] / "data" / "ckpt-keys-sd15.txt"
 
 
 def test_torch_file_shapes_and_dtypes(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import cid_harness
+from tests.fixtures import cid_harness
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {"step", "scaling_resolution", "scaling_identities", "face", "memory", "adapter_size"}

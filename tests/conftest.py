@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import cid_harness
+from tests.fixtures import cid_harness
 
 COMFYUI_ROOT, SKIP_REASON = cid_harness.find_comfyui()
 if COMFYUI_ROOT is not None:
@@ -30,7 +30,7 @@ def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui_base")
     env = cid_harness.import_comfyui(COMFYUI_ROOT, base)
 
-    import cid_tiny_models
+    from tests.fixtures import cid_tiny_models
     from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
     from tests.fixtures.tiny_adapter import make_tiny_adapter
 

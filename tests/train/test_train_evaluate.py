@@ -11,7 +11,6 @@ from tests.fixtures.clip_tokenizer import clip_tokenizer
 from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
 from train import evaluate
 from train.metrics import frechet_distance
-from tests.test_train_toy import one_thread  # noqa: F401  (autouse, module scope)
 from train.synthetic import write_synthetic_set
 
 

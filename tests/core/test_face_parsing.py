@@ -12,7 +12,7 @@ from torchvision import transforms
 from consistentid_core.errors import CheckpointFormatError, MissingModelError
 from consistentid_core.face import PART_COLORS, FaceLabel, FaceParser, colorize_parsing
 
-RELEASE_LAYOUT = Path(__file__).parent / "fixtures" / "bisenet-state-dict.tsv"
+RELEASE_LAYOUT = Path(__file__).resolve().parents[1] / "fixtures" / "bisenet-state-dict.tsv"
 
 
 def _random_bisenet() -> nn.Module:

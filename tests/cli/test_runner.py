@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-import cid_workflows as wf
+from tests.fixtures import cid_workflows as wf
 from consistentid_cli.__main__ import main
 from consistentid_cli.runner import EXIT_FAILED, EXIT_USAGE
 

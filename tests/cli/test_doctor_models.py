@@ -17,7 +17,7 @@ from consistentid_cli.report import Level, Report
 from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
 from tests.fixtures.tiny_adapter import make_tiny_adapter
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BISENET_LAYOUT = REPO / "tests" / "fixtures" / "bisenet-state-dict.tsv"
 TINY_CLIP_WIDTH = 32  # tiny_adapter's CLIP width
 MiB = 1024 * 1024

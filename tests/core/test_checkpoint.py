@@ -13,7 +13,7 @@ from consistentid_core import CheckpointFormatError, ConsistentIDAdapter, Missin
 from consistentid_core.checkpoint import SD15, SDXL, processor_slots
 from tests.fixtures.tiny_adapter import make_tiny_adapter
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.mark.parametrize("name,topology", [("sd15", SD15), ("sdxl", SDXL)])

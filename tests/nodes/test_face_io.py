@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import cid_workflows as wf
+from tests.fixtures import cid_workflows as wf
 from consistentid_core.face_store import image_sha256, load_face, save_face
 from consistentid_core.prompt import DEFAULT_FACE_CAPTION
 

@@ -23,7 +23,7 @@ HEADS, WIDTH, TOKENS = 4, 32, 4
 
 
 def _load_module():
-    path = Path(__file__).resolve().parents[1] / "nodes" / "id_attention.py"
+    path = Path(__file__).resolve().parents[2] / "nodes" / "id_attention.py"
     spec = importlib.util.spec_from_file_location("consistentid_test_id_attention", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built

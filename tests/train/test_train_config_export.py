@@ -54,7 +54,7 @@ def test_defaults_reference_lists_every_key_with_its_doc():
 
 
 def test_training_doc_carries_the_current_defaults_table():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "TRAINING.md").read_text(encoding="utf-8")
     assert describe_defaults() in doc, "docs/TRAINING.md is out of date: paste `python -m train.fit --print-defaults`"
 
 

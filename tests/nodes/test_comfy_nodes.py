@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cid_workflows as wf
+from tests.fixtures import cid_workflows as wf
 
 CHECKPOINT, ADAPTER, INSIGHTFACE, PARSER, CLIP_VISION, IMAGE, ENCODE, APPLY = "1", "2", "3", "4", "5", "6", "7", "8"
 

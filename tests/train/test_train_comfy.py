@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train_toy import fresh_accelerate_state, one_thread  # noqa: F401  (autouse fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 RESOLUTION = 128  # 16×16 latents: the SD1.5 topology downsamples three times
@@ -37,7 +36,7 @@ def _model_config(comfy, base_model="sd15"):
         kind="comfy", comfyui_path=str(comfy.root), checkpoint=str(comfy.paths[f"{base_model}_checkpoint"]),
         clip_vision=str(comfy.paths["clip_vision"]),
         clip_vision_config=str(comfy.models_dir / "clip_vision" / "tiny_clip_vision.json"),
-        setup_hooks=[f"{REPO / 'tests' / 'comfy_train' / 'tiny_setup.py'}:register"],
+        setup_hooks=[f"{REPO / 'tests' / 'fixtures' / 'tiny_setup.py'}:register"],
         lora_rank=4, adapter_dims={"facial_dim": 64, "facial_depth": 2, "id_depth": 2},
     )
 

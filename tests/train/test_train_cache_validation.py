@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train_toy import fresh_accelerate_state, one_thread  # noqa: F401  (autouse fixtures)
 from test_train_comfy import RESOLUTION, _model_config, _module, _overrides, data  # noqa: F401  (fixture)
 
 

@@ -15,53 +15,7 @@ from consistentid_core.caption import (
 )
 from consistentid_core.errors import MissingModelError, ModelMismatch
 from consistentid_core.prompt import DEFAULT_FACE_CAPTION
-
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-WORDS = FACE_INSTRUCTION.split() + "USER: ASSISTANT: the person has a round with large brown eyes small straight nose full".split()
-# LLaVA-style chat template: the image placeholder, then the text, then the assistant turn.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIALS + WORDS))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece()  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-
-
-def build_tiny_vlm(folder: Path) -> Path:
-    """A random LLaVA (CLIP 28 px tower + 2-layer Llama) saved as a real transformers model folder."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    tokenizer = _tokenizer()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=28, patch_size=14, projection_dim=16),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlavaForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
+from tests.fixtures.tiny_vlm import build_tiny_vlm, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory) -> Path:
@@ -141,7 +95,7 @@ def test_text_only_model_is_refused(tmp_path):
     folder = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     CLIPImageProcessor().save_pretrained(folder)
     with pytest.raises(ModelMismatch, match="not an image-text-to-text model"):
         FaceCaptioner.load(folder)

@@ -34,25 +34,6 @@ def synthetic(tmp_path_factory):
     return json_path, tokenizer_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and far faster on a busy machine (no OpenMP spinning).
-
-    Also imported by the other trainer/data test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 def _module(seed=0, attention="attn2"):
     torch.manual_seed(seed)
     host = ToyHost(clip_tokenizer())

@@ -15,7 +15,6 @@ from PIL import Image
 from consistentid_core.data import DataRoots, FGIDDataset, SampleOptions, read_fgid
 from tests.fixtures.clip_tokenizer import clip_tokenizer
 from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
-from tests.test_train_toy import one_thread  # noqa: F401  (autouse, module scope)
 from train import prepare
 from train.synthetic import write_synthetic_set
 
@@ -128,7 +127,7 @@ def test_bad_shard_and_missing_models_are_reported(inputs, tmp_path):
 
 def test_captions_from_a_local_vision_language_model(prepared, tmp_path):
     """The captions stage with a tiny random LLaVA (real transformers folder); unusable answers fall back."""
-    from tests.test_caption import build_tiny_vlm
+    from tests.fixtures.tiny_vlm import build_tiny_vlm
 
     vlm = build_tiny_vlm(tmp_path / "tiny-llava")
     record_path = next(p for p in sorted((prepared / "records").rglob("*.json")) if not json.loads(p.read_text()).get("skipped"))
