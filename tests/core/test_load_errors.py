@@ -26,7 +26,7 @@ from consistentid_core.face import FaceAnalyzer, FaceParser
 from consistentid_core.face_store import load_face
 from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
 from tests.fixtures.tiny_adapter import make_tiny_adapter
-from tests.test_caption import build_tiny_vlm
+from tests.fixtures.tiny_vlm import build_tiny_vlm
 
 MAX_MESSAGE_CHARS = 400
 UNSAFE_ADVICE = ("weights_only", "False", "arbitrary code", "trust")
