@@ -275,9 +275,11 @@ def finalize(folder: Path, shard_count: int, fingerprint_: dict[str, Any], dtype
 
 def build_cache(
     config: Config, folder: Path, shard_size: int = 1000, dtype: str = "float16", batch_size: int = 8,
-    part: tuple[int, int] = (0, 1), device: torch.device | None = None,
+    part: tuple[int, int] = (0, 1), host: Any = None,
 ) -> dict[str, Any] | None:
-    """Encode every training row of ``config`` into ``folder``; returns the index when complete."""
+    """Encode every training row of ``config`` into ``folder``; returns the index when complete.
+
+    ``host``: the frozen models, if already loaded (default: load them from ``config.model``)."""
     from .fit import load_records  # the trainer's own row selection (fit imports this module)
     from .hosts import make_host
     from .split import split_by_identity
@@ -285,8 +287,9 @@ def build_cache(
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    host = make_host(config.model, device, torch.float16 if device.type == "cuda" else torch.float32)
+    if host is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        host = make_host(config.model, device, torch.float16 if device.type == "cuda" else torch.float32)
     records, roots = load_records(config)
     split = split_by_identity(records, config.data.validation_identities, config.data.validation_seed)
     shards = plan_shards(split.train, shard_size)

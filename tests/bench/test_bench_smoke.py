@@ -17,7 +17,7 @@ import pytest
 from tests.fixtures import cid_harness
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = {"step", "scaling_resolution", "scaling_identities", "face", "memory", "adapter_size"}
+SECTIONS = {"step", "scaling_resolution", "scaling_identities", "face", "memory", "adapter_size", "training"}
 
 
 @pytest.fixture(scope="module")
