@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from consistentid_core.base_models import display_name
 from consistentid_core.checkpoint.io import unusable_file
 from consistentid_core.errors import CheckpointFormatError, ConsistentIDError, ModelMismatch
 from consistentid_core.face_features import FaceFeatures
@@ -37,7 +38,6 @@ __all__ = [
 FORMAT = "consistentid-face"
 FORMAT_VERSION = 1
 FACE_SUFFIX = ".safetensors"
-BASE_MODEL_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 _RESERVED = {
     "format", "format_version", "base_model", "face_caption", "clip_width", "id_embedding_dim", "context_dim",
     "region_labels", "used_images", "skipped_images", "image_sizes", "image_regions",
@@ -227,8 +227,8 @@ def check_compatible(face: StoredFace, clip_width: int, id_embedding_dim: int, b
                             f"expects {id_embedding_dim}-d (InsightFace ArcFace: 512). Encode the face again.")
     if face.base_model != base_model:
         raise ModelMismatch(
-            f"{origin} was encoded for a {BASE_MODEL_NAMES.get(face.base_model, face.base_model)} ConsistentID model, but "
-            f"this one is {BASE_MODEL_NAMES.get(base_model, base_model)}; load it with the same kind of model or encode the face again."
+            f"{origin} was encoded for a {display_name(face.base_model)} ConsistentID model, but "
+            f"this one is {display_name(base_model)}; load it with the same kind of model or encode the face again."
         )
 
 
