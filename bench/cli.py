@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.report import Section, format_report, load_average, machine_info, to_json, write_json
 
-BENCHMARKS = ("step", "face", "memory", "scaling")
+BENCHMARKS = ("step", "face", "memory", "scaling", "training")
 DEFAULT_JSON = str(Path(__file__).resolve().parent / "results" / "latest.json")
 
 # glibc keeps freed memory instead of returning it to the OS (and faulting it in again) on every
@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
         progress("[face] building models")
         done(face.run(comfy, sizes, progress))
+    if "training" in wanted:
+        from bench import training
+
+        progress("[training] building models and the feature cache")
+        done(training.run(comfy, sizes, progress))
+        comfy.mm.unload_all_models()
+        gc.collect()
     if "memory" in wanted:
         from bench import memory
 

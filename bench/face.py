@@ -3,7 +3,7 @@
 Both paths share one random full-size CLIP-ViT-H (ComfyUI's ``ClipVisionModel``, fp32), one random
 full-size BiSeNet and InsightFace's own code on the tiny test pack (real ``buffalo_l`` weights are
 not on this machine; its detector and recogniser cost the same in both paths). Ours is the Encode
-Face node's ``execute`` (``consistentid_core.reference``: one batched CLIP call; the node's CLIP
+Face node's ``execute`` (``consistentid_core.face_features``: one batched CLIP call; the node's CLIP
 callable caches the zero-image features per CLIP model); the original's is ``bench.original_face``. The CLIP forward is instrumented to count calls, images and seconds.
 Then the node runs twice through ComfyUI's executor to show the repeat is served from its cache.
 """

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .base_models import BaseModelSpec, base_model_spec
 from .checkpoint.io import ReleaseStateDicts, read_checkpoint, split_state_dicts, write_checkpoint
-from .checkpoint.layout import TOPOLOGIES, ProcessorSlot, UNetTopology, processor_slots, topology_for
+from .checkpoint.layout import ProcessorSlot, UNetTopology, processor_slots, topology_for
 from .errors import CheckpointFormatError
 from .models import LORA_TARGETS, AttentionAdapter, FacialEncoder, IDProjection
 from .prompt.parts import PAIRINGS
@@ -116,7 +117,7 @@ class ConsistentIDAdapter(nn.Module):
 
         ``channels`` replaces the per-level widths of the base UNet (small test models).
         """
-        topology = TOPOLOGIES[base_model]
+        topology = base_model_spec(base_model).topology
         if channels is not None:
             levels = tuple((width, depth) for width, (_, depth) in zip(channels, topology.levels))
             topology = dataclasses.replace(topology, levels=levels)
@@ -133,7 +134,7 @@ class ConsistentIDAdapter(nn.Module):
             AttentionAdapter(slot.hidden_size, lora_rank, context_dim if slot.is_cross_attention else None)
             for slot in processor_slots(topology)
         ]
-        return cls(facial, id_projection, layers, TOPOLOGIES[base_model])
+        return cls(facial, id_projection, layers, base_model_spec(base_model).topology)
 
     def _check_consistency(self) -> None:
         context_dim = self.id_projection.cross_attention_dim
@@ -158,6 +159,11 @@ class ConsistentIDAdapter(nn.Module):
     @property
     def base_model(self) -> str:
         return self.topology.name
+
+    @property
+    def base_model_spec(self) -> BaseModelSpec:
+        """How the original release treats this base model (captions, shortcut, file layout…)."""
+        return base_model_spec(self.base_model)
 
     @property
     def cross_attention_dim(self) -> int:
@@ -233,7 +239,7 @@ class ConsistentIDAdapter(nn.Module):
         """``(B, num_tokens, D)`` ID tokens. ``shortcut`` defaults to what the release pipeline of
         this base model used: off for SD1.5, on for SDXL."""
         if shortcut is None:
-            shortcut = self.base_model == "sdxl"
+            shortcut = self.base_model_spec.id_shortcut
         return self.id_projection(
             id_embedding.to(device=self.device, dtype=self.dtype),
             face_hidden_states.to(device=self.device, dtype=self.dtype),
@@ -258,7 +264,7 @@ class ConsistentIDAdapter(nn.Module):
         write_checkpoint(
             path,
             self.release_state_dicts(),
-            image_proj_key="image_proj" if self.base_model == "sd15" else "image_proj_model",
+            image_proj_key=self.base_model_spec.image_proj_key,
             metadata={"format": "pt", "base_model": self.base_model, "lora_rank": str(self.lora_rank), "pairing": self.pairing},
         )
 

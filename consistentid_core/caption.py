@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from consistentid_core.checkpoint.io import load_error_reason
 from consistentid_core.errors import CheckpointFormatError, MissingModelError, ModelMismatch
 from consistentid_core.prompt.assembly import DEFAULT_FACE_CAPTION, MAX_FACE_CAPTION_CHARS
 
@@ -120,15 +121,19 @@ class FaceCaptioner:
             model = AutoModelForImageTextToText.from_pretrained(
                 str(folder), local_files_only=True, trust_remote_code=False, dtype=dtype
             )
-        except ValueError as error:
-            if "trust_remote_code" in str(error) or "Unrecognized" in str(error):
+        except Exception as error:  # transformers, torch and safetensors raise many types for a bad folder
+            message = str(error)
+            if isinstance(error, ValueError) and ("trust_remote_code" in message or "Unrecognized" in message):
                 raise ModelMismatch(
-                    f"{folder.name} is not an image-text-to-text model transformers can load without remote code "
-                    f"({str(error).splitlines()[0]}). Use e.g. {VLM_EXAMPLE} or a Qwen2-VL model."
+                    f"{folder.name} is not an image-text-to-text model transformers can load without remote code; "
+                    f"use e.g. {VLM_EXAMPLE} or a Qwen2-VL model."
                 ) from error
-            raise CheckpointFormatError(f"{folder.name} could not be loaded: {error}") from error
-        except OSError as error:
-            raise CheckpointFormatError(f"{folder.name} could not be loaded ({error}); the folder is incomplete.") from error
+            reason = load_error_reason(error)
+            what = f"a weights file in it {reason[3:]}" if reason else "transformers could not load it (incomplete folder)"
+            raise CheckpointFormatError(
+                f"{folder.name} is not a usable vision-language model: {what}; "
+                f"download the model folder again (e.g. `huggingface-cli download {VLM_EXAMPLE} --local-dir {folder}`)."
+            ) from error
         return cls(model.to(device or "cpu").eval(), processor, folder.name)
 
     def _inputs(self, image: Any, instruction: str) -> Any:

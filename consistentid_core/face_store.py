@@ -1,4 +1,4 @@
-"""Saved faces: a reference identity (:class:`~consistentid_core.reference.FaceFeatures` plus its
+"""Saved faces: a reference identity (:class:`~consistentid_core.face_features.FaceFeatures` plus its
 caption and ID tokens) in one ``.safetensors`` file, so a person is reused without re-analysing
 the photos.
 
@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from consistentid_core.base_models import display_name
+from consistentid_core.checkpoint.io import unusable_file
 from consistentid_core.errors import CheckpointFormatError, ConsistentIDError, ModelMismatch
-from consistentid_core.reference import FaceFeatures
+from consistentid_core.face_features import FaceFeatures
 
 __all__ = [
     "FACE_SUFFIX", "FORMAT", "FORMAT_VERSION", "FacePathError", "StoredFace", "adapter_face_dims",
@@ -36,7 +38,6 @@ __all__ = [
 FORMAT = "consistentid-face"
 FORMAT_VERSION = 1
 FACE_SUFFIX = ".safetensors"
-BASE_MODEL_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 _RESERVED = {
     "format", "format_version", "base_model", "face_caption", "clip_width", "id_embedding_dim", "context_dim",
     "region_labels", "used_images", "skipped_images", "image_sizes", "image_regions", "paired_region_labels",
@@ -170,8 +171,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises several error types for damaged files
-        raise CheckpointFormatError(f"{path.name} is not a readable .safetensors file ({error}); it is damaged or "
-                                    "not a saved face. Save the face again.") from error
+        raise unusable_file(path, "face file", "it is not a readable .safetensors file (damaged, or not a saved face)",
+                            "save the face again with ConsistentID Save Face") from error
     return tensors, metadata
 
 
@@ -233,8 +234,8 @@ def check_compatible(face: StoredFace, clip_width: int, id_embedding_dim: int, b
                             f"expects {id_embedding_dim}-d (InsightFace ArcFace: 512). Encode the face again.")
     if face.base_model != base_model:
         raise ModelMismatch(
-            f"{origin} was encoded for a {BASE_MODEL_NAMES.get(face.base_model, face.base_model)} ConsistentID model, but "
-            f"this one is {BASE_MODEL_NAMES.get(base_model, base_model)}; load it with the same kind of model or encode the face again."
+            f"{origin} was encoded for a {display_name(face.base_model)} ConsistentID model, but "
+            f"this one is {display_name(base_model)}; load it with the same kind of model or encode the face again."
         )
 
 

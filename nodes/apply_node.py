@@ -7,10 +7,11 @@ import torch
 from comfy_api.latest import io
 
 from consistentid_core import ModelMismatch
-from consistentid_core.reference import face_id_tokens
+from consistentid_core.base_models import display_name
+from consistentid_core.face_features import face_id_tokens
 
 from .conditioning import FACIAL_PARTS, encode_conditioning
-from .patch import BASE_MODEL_NAMES, adapter_id, patch_model
+from .patch import adapter_id, patch_model
 from .runtime import USER_ERRORS, load_adapter, user_error
 from .types import CATEGORY, ConsistentIDFace, ConsistentIDModel, EncodedFace
 
@@ -24,8 +25,8 @@ def _strength(name: str, default: float, maximum: float, tooltip: str) -> io.Flo
 def _tokens(adapter, face: EncodedFace) -> tuple[torch.Tensor, torch.Tensor]:
     if face.base_model != adapter.base_model:
         raise ModelMismatch(
-            f"The face was encoded for a {BASE_MODEL_NAMES[face.base_model]} ConsistentID model, but this "
-            f"one is {BASE_MODEL_NAMES[adapter.base_model]}; connect the same model to both nodes."
+            f"The face was encoded for a {display_name(face.base_model)} ConsistentID model, but this "
+            f"one is {adapter.base_model_spec.display_name}; connect the same model to both nodes."
         )
     if face.adapter_id == adapter_id(adapter):
         return face.id_tokens, face.uncond_id_tokens

@@ -32,45 +32,29 @@ from typing import Any
 import torch
 
 from consistentid_core import ConsistentIDAdapter, ModelMismatch
+from consistentid_core.base_models import BASE_MODELS, BaseModelSpec, base_model_spec, spec_for_text_encoders
 from consistentid_core.face.labels import FACIAL_PART_LABELS
-from consistentid_core.prompt import (
-    DEFAULT_FACE_CAPTION,
-    DETAIL_PREFIX,
-    MAX_FACIAL_SLOTS,
-    SDXL_DEFAULT_FACE_CAPTION,
-    SDXL_DETAIL_PREFIX,
-    build_facial_prompt,
-    encode_plain_text,
-    strip_user_markers,
-)
-from consistentid_core.reference import FaceFeatures
+from consistentid_core.face_features import FaceFeatures
+from consistentid_core.prompt import MAX_FACIAL_SLOTS, build_facial_prompt, encode_plain_text, strip_user_markers
 
-from .patch import BASE_MODEL_NAMES
-
-CLIP_KEYS = {"sd15": frozenset({"l"}), "sdxl": frozenset({"g", "l"})}
 CLIP_G_PAD = 0  # SDXL's second tokenizer pads with "!" (id 0); ComfyUI's CLIP-G tokenizer does too
 FACIAL_PARTS = tuple(FACIAL_PART_LABELS)  # face, eyes, ears, nose, mouth
 
 
-def clip_base_model(clip: Any) -> str | None:
-    """"sd15" / "sdxl" from the CLIP's tokenizer layout, None for other model families."""
-    keys = frozenset(clip.tokenize("").keys())
-    return next((name for name, wanted in CLIP_KEYS.items() if keys == wanted), None)
-
-
-def default_face_caption(base_model: str) -> str:
-    """The built-in caption of the original pipeline for this base model."""
-    return SDXL_DEFAULT_FACE_CAPTION if base_model == "sdxl" else DEFAULT_FACE_CAPTION
+def default_face_caption(base_model: str | None) -> str:
+    """The built-in caption of the original pipeline for this base model (None: the first release's, SD1.5)."""
+    return base_model_spec(base_model or "sd15").face_caption
 
 
 def _check_clip(clip: Any, adapter: ConsistentIDAdapter) -> None:
-    found = clip_base_model(clip)
-    if found != adapter.base_model:
-        described = BASE_MODEL_NAMES.get(found, "neither SD1.5 nor SDXL") if found else "neither SD1.5 nor SDXL"
+    found = spec_for_text_encoders(clip.tokenize("").keys())
+    wanted = adapter.base_model_spec
+    if found != wanted:
+        described = found.display_name if found else "neither " + " nor ".join(s.display_name for s in BASE_MODELS.values())
         raise ModelMismatch(
-            f"This ConsistentID model is for {BASE_MODEL_NAMES[adapter.base_model]}, but the CLIP is "
+            f"This ConsistentID model is for {wanted.display_name}, but the CLIP is "
             f"{described} (text encoders: {', '.join(sorted(clip.tokenize('').keys()))}). Connect the "
-            f"CLIP of a {BASE_MODEL_NAMES[adapter.base_model]} checkpoint."
+            f"CLIP of a {wanted.display_name} checkpoint."
         )
 
 
@@ -83,11 +67,17 @@ def _check_face(face: FaceFeatures, adapter: ConsistentIDAdapter) -> None:
         )
 
 
-def _encode_ids(clip: Any, base_model: str, ids: Iterable[int], eos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(1, 77, D)`` text features and the pooled output for 77 token ids, no prompt weighting."""
+def encode_token_ids(clip: Any, spec: BaseModelSpec, ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, 77, D)`` text features and the pooled output for 77 CLIP-L token ids, no prompt weighting.
+
+    The same ids go to every text encoder of the base model; CLIP-G gets them padded with
+    :data:`CLIP_G_PAD` after the end token, as SDXL's second tokenizer pads. The nodes and the
+    trainer's ComfyUI host both encode text through this function.
+    """
     ids = [int(i) for i in ids]
+    eos = clip.tokenizer.clip_l.tokenizer.eos_token_id
     tokens = {"l": [[(i, 1.0) for i in ids]]}
-    if base_model == "sdxl":
+    if "g" in spec.text_encoders:
         end = ids.index(eos) + 1 if eos in ids else len(ids)
         tokens["g"] = [[(i, 1.0) for i in ids[:end]] + [(CLIP_G_PAD, 1.0)] * (len(ids) - end)]
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -128,14 +118,13 @@ def encode_conditioning(
     _check_face(face, adapter)
     if not 0.0 <= merge_at <= 1.0:
         raise ValueError(f"merge_at must be within [0, 1], got {merge_at}")
-    base_model = adapter.base_model
+    spec = adapter.base_model_spec
     tokenizer = clip.tokenizer.clip_l.tokenizer
-    eos = tokenizer.eos_token_id
 
-    negative_cond, negative_pooled = _encode_ids(clip, base_model, encode_plain_text(negative_text, tokenizer), eos)
+    negative_cond, negative_pooled = encode_token_ids(clip, spec, encode_plain_text(negative_text, tokenizer))
     if face.is_empty:  # skip policy and no face anywhere: plain text, no facial fusion
         plain_ids = encode_plain_text(strip_user_markers(text), tokenizer)
-        text_cond, text_pooled = _encode_ids(clip, base_model, plain_ids, eos)
+        text_cond, text_pooled = encode_token_ids(clip, spec, plain_ids)
         return [[text_cond, {"pooled_output": text_pooled}]], [[negative_cond, {"pooled_output": negative_pooled}]]
 
     allowed = set(FACIAL_PARTS if parts is None else parts)
@@ -145,18 +134,14 @@ def encode_conditioning(
     labels = [label for label in face.present_labels if any(label in FACIAL_PART_LABELS[p] for p in allowed)]
     prompt = build_facial_prompt(
         text,
-        default_face_caption(base_model) if face_caption is None else face_caption,
+        spec.face_caption if face_caption is None else face_caption,
         labels,
         tokenizer,
-        detail_prefix=SDXL_DETAIL_PREFIX if base_model == "sdxl" else DETAIL_PREFIX,
+        detail_prefix=spec.detail_prefix,
         pairing=adapter.pairing,  # the file's metadata; the released weights: original
     )
-    facial_cond, facial_pooled = _encode_ids(clip, base_model, prompt.input_ids, eos)
-    if base_model == "sdxl":
-        text_only_ids = encode_plain_text(strip_user_markers(text), tokenizer)
-    else:
-        text_only_ids = prompt.text_only_input_ids
-    text_cond, text_pooled = _encode_ids(clip, base_model, text_only_ids, eos)
+    facial_cond, facial_pooled = encode_token_ids(clip, spec, prompt.input_ids)
+    text_cond, text_pooled = encode_token_ids(clip, spec, spec.text_only_ids(prompt, text, tokenizer))
 
     token_mask = torch.tensor(prompt.facial_token_mask, dtype=torch.bool)[None]
     valid = torch.tensor(prompt.valid_region_mask, dtype=torch.bool)[None]
@@ -172,7 +157,7 @@ def encode_conditioning(
         _entry(text_cond, text_pooled, 0.0, merge_at),
         _entry(fused, facial_pooled, merge_at, 1.0),
     )
-    if base_model == "sdxl":
+    if spec.negative_switches_at_merge:
         negative = _conditioning(
             _entry(negative_cond, negative_pooled, 0.0, merge_at),
             _entry(fused_negative, negative_pooled, merge_at, 1.0),

@@ -96,7 +96,7 @@ class DescribeFace(io.ComfyNode):
     @classmethod
     def execute(cls, image, model: str, instruction: str = FACE_INSTRUCTION, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                 on_model_error: str = "error", keep_loaded: bool = False, consistentid=None) -> io.NodeOutput:
-        template = default_face_caption(getattr(consistentid, "base_model", "sd15"))
+        template = default_face_caption(getattr(consistentid, "base_model", None))
         if model == TEMPLATE:
             return io.NodeOutput(template, ui=ui.PreviewText(template))
         try:

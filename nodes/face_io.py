@@ -21,13 +21,14 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from consistentid_core import __version__
+from consistentid_core.base_models import display_name
+from consistentid_core.face_features import face_id_tokens
 from consistentid_core.face_store import (
     FACE_SUFFIX, StoredFace, adapter_face_dims, check_compatible, image_sha256, is_face_file, load_face, next_free_path,
     resolve_in, save_face,
 )
-from consistentid_core.reference import face_id_tokens
 
-from .patch import BASE_MODEL_NAMES, adapter_id
+from .patch import adapter_id
 from .runtime import USER_ERRORS, load_adapter, user_error
 from .types import CATEGORY, ConsistentIDFace, ConsistentIDModel, EncodedFace
 
@@ -158,7 +159,7 @@ def describe_stored(name: str, face: StoredFace) -> str:
     parts = ", ".join(str(label) for label in face.features.region_hidden_states) or "none"
     models = ", ".join(f"{k}: {face.provenance[k]}" for k in ("adapter", "clip_vision", "insightface") if k in face.provenance)
     images = len(face.features.used_images)
-    return (f"{name}: {BASE_MODEL_NAMES.get(face.base_model, face.base_model)} face from {images} photo(s), "
+    return (f"{name}: {display_name(face.base_model)} face from {images} photo(s), "
             f"part labels {parts}" + (f"; made with {models}" if models else ""))
 
 

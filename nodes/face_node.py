@@ -10,7 +10,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from consistentid_core.face import FaceAnalyzer
-from consistentid_core.reference import extract_face_features, face_id_tokens, face_mask
+from consistentid_core.face_features import extract_face_features, face_id_tokens, face_mask
 
 from .conditioning import default_face_caption
 from .patch import adapter_id

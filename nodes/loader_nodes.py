@@ -10,18 +10,16 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from consistentid_core import ConsistentIDAdapter, MissingModelError
+from consistentid_core.base_models import release_files_hint
 from consistentid_core.face import FaceAnalyzer, FaceParser
 
 from . import folders
-from .patch import BASE_MODEL_NAMES
 from .runtime import USER_ERRORS, adapter_dtype, user_error
 from .types import CATEGORY, ConsistentIDModel, FaceParserType
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_SOURCE = (
-    "Hugging Face JackAILab/ConsistentID (ConsistentID-v1.bin for SD1.5, ConsistentID_SDXL-v1.bin for SDXL)"
-)
+ADAPTER_SOURCE = f"Hugging Face JackAILab/ConsistentID ({release_files_hint()})"
 PARSER_SOURCE = "Hugging Face JackAILab/ConsistentID (face_parsing.pth)"
 PROVIDERS = {
     "CPU": "CPUExecutionProvider",
@@ -88,7 +86,7 @@ class LoadConsistentIDModel(io.ComfyNode):
         except USER_ERRORS as error:
             raise user_error("Load ConsistentID Model", error) from error
         info = (
-            f"{BASE_MODEL_NAMES[adapter.base_model]} adapter: {adapter.cross_attention_dim}-d context, "
+            f"{adapter.base_model_spec.display_name} adapter: {adapter.cross_attention_dim}-d context, "
             f"{sum(1 for _ in adapter.cross_attention_layers())} cross-attention layers, LoRA rank "
             f"{adapter.lora_rank}, {adapter.num_tokens} ID tokens, {str(adapter.dtype).replace('torch.', '')}"
         )

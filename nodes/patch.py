@@ -24,12 +24,12 @@ import comfy.model_patcher
 import comfy.weight_adapter
 
 from consistentid_core import ConsistentIDAdapter, ModelMismatch
+from consistentid_core.base_models import release_files_hint
 
 from .id_attention import IDAttentionPatch, IdentityBranch
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 LORA_SOURCE_ATTRIBUTE = "consistentid_source"
 
 _adapter_ids: "weakref.WeakKeyDictionary[ConsistentIDAdapter, str]" = weakref.WeakKeyDictionary()
@@ -54,7 +54,7 @@ def describe_model(model_patcher: comfy.model_patcher.ModelPatcher) -> str:
 def check_model(model_patcher: comfy.model_patcher.ModelPatcher, adapter: ConsistentIDAdapter) -> None:
     """Raise ModelMismatch unless every attention layer the adapter patches exists with its width."""
     diffusion_model = getattr(model_patcher.model, "diffusion_model", None)
-    wanted = BASE_MODEL_NAMES.get(adapter.base_model, adapter.base_model)
+    wanted = adapter.base_model_spec.display_name
     problem = None
     for slot, layer in adapter.cross_attention_layers():
         try:
@@ -73,7 +73,7 @@ def check_model(model_patcher: comfy.model_patcher.ModelPatcher, adapter: Consis
         raise ModelMismatch(
             f"This ConsistentID model is for {wanted} checkpoints, but the MODEL is "
             f"{describe_model(model_patcher)}: {problem}. Use the ConsistentID file made for this "
-            f"base model (ConsistentID-v1.bin for SD1.5, ConsistentID_SDXL-v1.bin for SDXL)."
+            f"base model ({release_files_hint()})."
         )
 
 

@@ -60,7 +60,7 @@ def load_adapter(adapter: ConsistentIDAdapter) -> ConsistentIDAdapter:
 
 
 def clip_vision_hidden_states(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``ClipHiddenStates`` callable (``consistentid_core.reference``) on ComfyUI's CLIP_VISION."""
+    """A ``ClipHiddenStates`` callable (``consistentid_core.face_features``) on ComfyUI's CLIP_VISION."""
     if getattr(clip_vision, "image_size", CLIP_IMAGE_SIZE) != CLIP_IMAGE_SIZE or getattr(
         clip_vision, "return_all_hidden_states", False
     ):
@@ -117,7 +117,7 @@ def user_error(node_name: str, error: Exception) -> NodeError:
         "CheckpointFormatError": "Unreadable model file",
         "PromptError": "Prompt problem",
     }.get(type(error).__name__, "Invalid input")
-    return NodeError(f"{node_name}: {kind}. {error}")
+    return NodeError(f"{node_name} ({kind}): {error}")
 
 
 USER_ERRORS = (ConsistentIDError, ValueError)

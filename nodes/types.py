@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from consistentid_core.reference import FaceFeatures
+from consistentid_core.face_features import FaceFeatures
 
 ConsistentIDModel = io.Custom("CONSISTENTID")
 FaceParserType = io.Custom("FACE_PARSER")

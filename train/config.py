@@ -71,7 +71,17 @@ class DataConfig:
     check_files: bool = True
     """Check at start-up that every row's files exist; rows with missing files are dropped and listed."""
     num_workers: int = 2
-    """DataLoader worker processes per training process."""
+    """DataLoader worker processes per training process (reading the feature cache uses at most 1)."""
+    identity_key: str = "identity"
+    """JSON key naming the person a row shows (validation split); rows without it count as their own identity."""
+    validation_identities: float = 0
+    """Identities held out for validation: a count (≥ 1) or a fraction (< 1); 0 = no validation."""
+    validation_seed: int = 0
+    """Seed of the identity split (kept apart from train.seed so the split and the feature cache stay put)."""
+    cache: str | None = "auto"
+    """Feature cache folder (``python -m train.cache``); ``auto``: ``<json folder>/feature_cache`` when present; ``null``: never."""
+    shuffle_buffer: int = 64
+    """Samples held for shuffling within a cache shard (memory: about 4 MB each at 512 px, float16)."""
 
 
 @dataclass
@@ -126,6 +136,20 @@ class TrainConfig:
     """Training rows whose identities appear in the sample grids."""
     sample_steps: int = 20
     sample_guidance: float = 5.0
+    validation_every: int = 500
+    """Validation loss (and the FaceSim/CLIP-T grid) every N steps, when identities are held out."""
+    validation_samples: int = 64
+    """Held-out samples in the validation loss (fixed noise and timesteps, no drop)."""
+    validation_grid: int = 4
+    """Held-out identities in the generated prompt × identity grid scored with FaceSim/CLIP-T (0: no grid)."""
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a person", "a person wearing a red hat, oil painting"])
+    validation_insightface_root: str | None = None
+    """Folder with models/<pack>/*.onnx for FaceSim (as ``train.evaluate score --insightface-root``); unset: no FaceSim."""
+    validation_insightface_name: str = "antelopev2"
+    validation_clip_model: str | None = None
+    """transformers CLIP folder for CLIP-T (as ``train.evaluate score --clip-model``); unset: no CLIP-T."""
+    best_metric: str | None = "validation/loss"
+    """Metric picking ``output_dir/best/`` (``validation/loss`` lowest; ``validation/FaceSim``, ``validation/CLIP-T`` highest; null: off)."""
     ddp_find_unused_parameters: bool = True
     """Needed when a batch has no facial token (the FacialEncoder then gets no gradient)."""
 
@@ -146,11 +170,12 @@ class Config:
             ("train", "mixed_precision"): ("no", "fp16", "bf16"),
             ("train", "localization_attention"): ("attn2", "attn1_original"),
             ("train", "log_with"): ("tensorboard", "wandb", "none"),
+            ("train", "best_metric"): ("validation/loss", "validation/FaceSim", "validation/CLIP-T", None),
         }
         for (section, key), allowed in choices.items():
             value = getattr(getattr(self, section), key)
             if value not in allowed:
-                raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}; got {value!r}")
+                raise ConfigError(f"{section}.{key} must be one of {', '.join(str(a) for a in allowed)}; got {value!r}")
         if not self.data.json:
             raise ConfigError("data.json is required: the FGID JSON file to train on")
         if not (self.model.checkpoint and self.model.clip_vision):
@@ -159,12 +184,23 @@ class Config:
             raise ConfigError("train.seed must be non-negative")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in [0, 1): 0 turns the EMA off")
-        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "log_every"):
+        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "log_every", "validation_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def sample_options(config: Config) -> Any:
+    """The dataset's ``SampleOptions`` for this config: training, validation and the feature cache alike."""
+    from consistentid_core.data import SampleOptions
+
+    data = config.data
+    return SampleOptions(
+        size=data.resolution, missing_id_embedding="error" if data.missing_id_embedding == "error" else "zeros",
+        pairing=config.model.pairing,
+    )
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -98,46 +98,65 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
 
 
 # -------------------------------------------------------------------------------------------- score
-def _available(factory: Any, *options: Any) -> tuple[Any | None, str | None]:
+def available(factory: Any, *options: Any) -> tuple[Any | None, str | None]:
+    """(metric, None) when its model loads, else (None, the reason it is skipped)."""
     try:
         return factory(*options), None
     except MetricUnavailable as error:
         return None, str(error)
 
 
+class Scorers:
+    """The per-image metrics whose models are at hand (FaceSim, CLIP-T/CLIP-I, DINO); the rest skipped."""
+
+    def __init__(self, insightface_root: str | None = None, insightface_name: str = "antelopev2",
+                 clip_model: str | None = None, dino_model: str | None = None) -> None:
+        self.skipped: dict[str, str] = {}
+        self.face, reason = available(FaceSim, insightface_root, insightface_name)
+        if reason:
+            self.skipped["FaceSim"] = reason
+        self.clip, reason = available(ClipScores, clip_model)
+        if reason:
+            self.skipped["CLIP-T"] = self.skipped["CLIP-I"] = reason
+        self.dino, reason = available(DinoScore, dino_model)
+        if reason:
+            self.skipped["DINO"] = reason
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m in ("FaceSim", "CLIP-T", "CLIP-I", "DINO") if m not in self.skipped]
+
+    def score_rows(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Manifest rows (identity, reference, prompt, seed, image) with their metric values added."""
+        scored = [dict(row) for row in rows]
+        for row in scored:
+            if self.face is not None:
+                row["FaceSim"] = self.face.score(row["reference"], row["image"], row["prompt"])
+            if self.clip is not None:
+                row.update(self.clip.score(row["reference"], row["image"], row["prompt"]))
+            if self.dino is not None:
+                row["DINO"] = self.dino.score(row["reference"], row["image"], row["prompt"])
+        return scored
+
+
 def score(args: argparse.Namespace) -> dict[str, Any]:
     rows = read_manifest(Path(args.manifest))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    skipped: dict[str, str] = {}
-    per_image = [dict(row) for row in rows]
-    face, reason = _available(FaceSim, args.insightface_root, args.insightface_name)
-    if reason:
-        skipped["FaceSim"] = reason
-    clip, reason = _available(ClipScores, args.clip_model)
-    if reason:
-        skipped["CLIP-T"] = skipped["CLIP-I"] = reason
-    dino, reason = _available(DinoScore, args.dino_model)
-    if reason:
-        skipped["DINO"] = reason
-    for row in per_image:
-        if face is not None:
-            row["FaceSim"] = face.score(row["reference"], row["image"], row["prompt"])
-        if clip is not None:
-            row.update(clip.score(row["reference"], row["image"], row["prompt"]))
-        if dino is not None:
-            row["DINO"] = dino.score(row["reference"], row["image"], row["prompt"])
+    scorers = Scorers(args.insightface_root, args.insightface_name, args.clip_model, args.dino_model)
+    skipped = dict(scorers.skipped)
+    per_image = scorers.score_rows(rows)
     fid, reason = _fid(args, per_image)
     if reason:
         skipped["FID"] = reason
     for metric, why in skipped.items():
         logger.warning("%s skipped: %s", metric, why)
-    metrics = [m for m in ("FaceSim", "CLIP-T", "CLIP-I", "DINO") if m not in skipped]
+    metrics = scorers.metrics
     summary = summarise(per_image, metrics)
     summary["FID"] = fid
     summary["skipped"] = skipped
     summary["images"] = len(per_image)
-    if face is not None:
+    if scorers.face is not None:
         found = [not math.isnan(r["FaceSim"]) for r in per_image]
         summary["face_detection_rate"] = sum(found) / len(found) if found else float("nan")
     write_scores(out / "scores.csv", per_image, metrics)
@@ -149,7 +168,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fid(args: argparse.Namespace, rows: list[dict[str, Any]]) -> tuple[float | None, str | None]:
-    extractor, reason = _available(InceptionFeatures, args.inception_weights)
+    extractor, reason = available(InceptionFeatures, args.inception_weights)
     if reason:
         return None, reason
     generated = [r["image"] for r in rows]

@@ -28,24 +28,27 @@ from consistentid_core.data import (
     FGIDDataset,
     KeyChoice,
     ResumableBatchSampler,
-    SampleOptions,
     check_files,
     collate,
     read_fgid,
 )
 
 from .attention_patch import init_id_key_value_from_base
+from .cache import open_cache
 from .checkpointing import find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, sample_options
 from .ema import EMA_FILE, AdapterEMA
 from .export import adapter_from_training_state
 from .hosts import Host, make_host
 from .init_from import init_from_ipadapter_faceid, is_ipadapter_faceid
 from .replicas import check_replicas
-from .run_shape import RunShape, resume_start_batch
+from .run_shape import RunShape, changes, resume_start_batch
+from .shards import ShardStream, cache_loader
+from .split import split_by_identity
 from .step import LossConfig, TrainingModule, step_generator
 from .tracking import MetricsLogger
 from .update import Outcome, apply_update
+from .validation import Validator
 
 logger = logging.getLogger("train.fit")
 
@@ -59,8 +62,22 @@ def data_roots(config: Config) -> DataRoots:
     return DataRoots.of(images, config.data.parsing_root, config.data.id_embedding_root)
 
 
-def load_records(config: Config) -> tuple[list, DataRoots]:
-    """Valid rows of the training JSON; rejected rows are logged with their reasons."""
+def keep_existing(records: list, roots: DataRoots, problems: list | None = None) -> list:
+    """The rows whose files exist; the others are added to ``problems`` (or logged)."""
+    found = check_files(records, roots)
+    bad = {p.index for p in found}
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        logger.warning("%d rows dropped, files missing; first: %s", len(found), found[0])
+    return [r for r in records if r.index not in bad]
+
+
+def load_records(config: Config, check: bool = True) -> tuple[list, DataRoots]:
+    """Valid rows of the training JSON; rejected rows are logged with their reasons.
+
+    ``check=False`` skips the per-file existence check (rows read from the feature cache need none).
+    """
     index = read_fgid(config.data.json, KeyChoice(config.data.image_key, config.data.face_caption_key))
     roots = data_roots(config)
     records = index.records
@@ -69,11 +86,8 @@ def load_records(config: Config) -> tuple[list, DataRoots]:
         records = [r for r in records if r.id_embedding is not None]
         if without:
             logger.info("%d rows without an ID embedding skipped (data.missing_id_embedding: skip)", len(without))
-    if config.data.check_files:
-        problems = check_files(records, roots)
-        bad = {p.index for p in problems}
-        records = [r for r in records if r.index not in bad]
-        index.problems.extend(problems)
+    if check and config.data.check_files:
+        records = keep_existing(records, roots, index.problems)
     logger.info(index.summary())
     if not records:
         raise ConfigError(f"no usable training rows in {config.data.json}")
@@ -99,6 +113,20 @@ def build_adapter(config: Config, host: Host) -> ConsistentIDAdapter:
     if from_ipadapter:
         init_from_ipadapter_faceid(adapter, config.model.init_from)
     return adapter
+
+
+def resume_position(config: Config, resume_from: Path | None, shape: RunShape, cached: bool) -> int:
+    """Batches this process skips when resuming (``run_shape``); the feature cache's stream is never re-mapped."""
+    if resume_from is None:
+        return 0
+    saved = read_trainer_state(resume_from)
+    saved_shape = RunShape.from_dict(saved["shape"]) if "shape" in saved else None
+    if cached and saved_shape is not None and changes(saved_shape, shape):
+        raise ConfigError(
+            f"{resume_from} was written by a run of another shape ({', '.join(changes(saved_shape, shape))}); the "
+            "feature cache's shard stream cannot be re-mapped: restore the old shape, or set data.cache: null to re-map"
+        )
+    return resume_start_batch(saved_shape, shape, saved["state"]["step"], config.train.on_shape_change, str(resume_from))
 
 
 def make_ema(config: Config, module: torch.nn.Module, resume_from: Path | None) -> AdapterEMA | None:
@@ -181,23 +209,21 @@ def run(config: Config) -> dict[str, Any]:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1), encoding="utf-8")
     set_seed(config.train.seed)
     resume_from = find_checkpoint(out, config.train.resume)
-    records, roots = load_records(config)
-    shape = RunShape(accelerator.num_processes, config.train.batch_size, config.train.gradient_accumulation_steps, config.train.seed, len(records))
-    start_batch = 0
-    if resume_from is not None:  # before loading any model: a refused resume costs nothing
-        saved = read_trainer_state(resume_from)
-        start_batch = resume_start_batch(
-            RunShape.from_dict(saved["shape"]) if "shape" in saved else None, shape, saved["state"]["step"],
-            config.train.on_shape_change, str(resume_from),
-        )
     frozen_dtype = PRECISION_DTYPES[config.train.mixed_precision] if accelerator.device.type == "cuda" else torch.float32
     host = make_host(config.model, accelerator.device, frozen_dtype, config.train.gradient_checkpointing)
-    dataset = FGIDDataset(
-        records, roots, host.tokenizer,
-        SampleOptions(size=config.data.resolution, missing_id_embedding="error" if config.data.missing_id_embedding == "error" else "zeros",
-                      pairing=config.model.pairing),
-        drop_prob=config.data.drop_prob, seed=config.train.seed,
-    )
+    records, roots = load_records(config, check=False)
+    split = split_by_identity(records, config.data.validation_identities, config.data.validation_seed)
+    cache = open_cache(config, host.base_model, split)
+    if config.data.check_files:  # rows read from the feature cache need no files
+        held_out = keep_existing(split.held_out, roots)
+        records = split.train if cache is not None else keep_existing(split.train, roots)
+    else:
+        held_out, records = split.held_out, split.train
+    if not records:
+        raise ConfigError(f"no usable training rows in {config.data.json}")
+    logger.info("%d training rows, %d held-out rows of %d identities", len(records), len(held_out), len(split.held_out_identities))
+    shape = RunShape(accelerator.num_processes, config.train.batch_size, config.train.gradient_accumulation_steps, config.train.seed, len(records))
+    start_batch = resume_position(config, resume_from, shape, cache is not None)
     adapter = build_adapter(config, host).to(accelerator.device)
     losses = LossConfig(
         config.train.facial_weight, config.train.mask_loss_prob, config.train.localization_layers,
@@ -218,13 +244,24 @@ def run(config: Config) -> dict[str, Any]:
         logger.info("resumed from %s at step %d", resume_from, state["step"])
     ema = make_ema(config, accelerator.unwrap_model(module), resume_from)
     accum = config.train.gradient_accumulation_steps
-    sampler = ResumableBatchSampler(
-        len(dataset), config.train.batch_size, accelerator.num_processes, accelerator.process_index,
-        seed=config.train.seed, start_batch=start_batch,
-    )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers,
-                        pin_memory=accelerator.device.type == "cuda")
+    pin = accelerator.device.type == "cuda"
+    if cache is not None:
+        stream = ShardStream(cache, config.train.batch_size, accelerator.process_index, accelerator.num_processes,
+                             config.train.seed, start_batch, config.data.drop_prob, config.data.shuffle_buffer)
+        loader = cache_loader(stream, config.data.num_workers, pin)
+    else:
+        dataset = FGIDDataset(
+            records, roots, host.tokenizer,
+            sample_options(config),
+            drop_prob=config.data.drop_prob, seed=config.train.seed,
+        )
+        sampler = ResumableBatchSampler(
+            len(dataset), config.train.batch_size, accelerator.num_processes, accelerator.process_index,
+            seed=config.train.seed, start_batch=start_batch,
+        )
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers, pin_memory=pin)
     metrics = MetricsLogger(accelerator, out, config)
+    validator = Validator(config, held_out, roots, host.tokenizer, out) if held_out else None
     batches = iter(loader)
     params = [p for p in adapter.parameters() if p.requires_grad]
     last: dict[str, float] = {}
@@ -258,6 +295,8 @@ def run(config: Config) -> dict[str, Any]:
                     "rate, use bf16 instead of fp16, or resume from the last checkpoint."
                 )
         last = metrics.step(state["step"], totals, update.grad_norm, scheduler.get_last_lr()[0], time.perf_counter() - started, state)
+        if validator is not None and validator.due(state["step"]):
+            validator.run(accelerator, accelerator.unwrap_model(module), state["step"], metrics)
         if state["step"] % config.train.checkpoint_every == 0 or state["step"] == config.train.max_steps:
             check_replicas(accelerator, module)
             save_checkpoint(

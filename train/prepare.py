@@ -15,6 +15,9 @@ Stages (``--stages``, default all, in this order), each writing FGID's folders u
 ``fuse``       every finished item → ``fgid.json``; skipped ones → ``skipped.json`` with reasons
 =============  =======================================================================================
 
+Photos in sub-folders (``portraits/<person>/*.jpg``) get ``identity: <person>`` (validation splits hold
+out whole identities); photos directly in ``--images`` are each their own identity.
+
 Resumable: each item has a record ``records/<id>.json`` that a stage updates only after its files are
 written (atomically), and finished stages are not redone; ``--retry-skipped`` retries items skipped for
 a reason (no face, unreadable). Sharded: ``--shard i/n`` takes the items whose id hashes to ``i``, so
@@ -108,6 +111,8 @@ class Item:
         self.record: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
         self.record.setdefault("origin_IMG", relative)
         self.record.setdefault("stages", {})
+        if len(Path(relative).parts) > 1:  # portraits/<person>/photo.jpg: the folder names the identity
+            self.record.setdefault("identity", Path(relative).parts[0])
 
     def done(self, stage: str, files: Iterable[str] = ()) -> bool:
         return self.record["stages"].get(stage) == "done" and all((self.out / f).is_file() for f in files)

@@ -23,7 +23,7 @@ from consistentid_core.prompt import build_facial_prompt
 from .step import TrainingModule
 
 
-def _conditions(module: TrainingModule, record: FGIDRecord, roots: DataRoots, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+def sample_conditions(module: TrainingModule, record: FGIDRecord, roots: DataRoots, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     host, adapter = module.host, module.adapter
     rgb = np.asarray(Image.open(roots.image(record)).convert("RGB"))
     regions = facial_regions(load_parsing_map(roots.parsing_map(record), record), adapter.pairing)
@@ -78,6 +78,23 @@ def ddim_sample(
 
 
 @torch.no_grad()
+def generate(
+    module: TrainingModule, record: FGIDRecord, roots: DataRoots, prompts: Sequence[str], resolution: int,
+    steps: int = 20, guidance: float = 5.0, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference photo (3, H, W), one image per prompt (N, 3, R, R)) in [0, 1], with the live adapter."""
+    was_training = module.training
+    module.eval()
+    try:
+        found = sample_conditions(module, record, roots, prompts)
+        latent = resolution // 8
+        images = ddim_sample(module, found, (len(prompts), 4, latent, latent), steps, guidance, seed)
+    finally:
+        module.train(was_training)
+    return found["reference"], images
+
+
+@torch.no_grad()
 def sample_grid(
     module: TrainingModule,
     records: Sequence[FGIDRecord],
@@ -89,16 +106,11 @@ def sample_grid(
     seed: int = 0,
 ) -> Image.Image:
     """One row per identity: the reference photo, then one image per prompt."""
-    was_training = module.training
-    module.eval()
     rows = []
-    latent = resolution // 8
     for record in records:
-        conditions = _conditions(module, record, roots, prompts)
-        images = ddim_sample(module, conditions, (len(prompts), 4, latent, latent), steps, guidance, seed)
-        reference = torch.nn.functional.interpolate(conditions["reference"][None], size=(resolution, resolution), mode="bilinear")
+        reference, images = generate(module, record, roots, prompts, resolution, steps, guidance, seed)
+        reference = torch.nn.functional.interpolate(reference[None], size=(resolution, resolution), mode="bilinear")
         rows.append(torch.cat([reference.to(images.device), images]))
-    module.train(was_training)
     grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
     return Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
 

@@ -59,6 +59,31 @@ def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.de
     return generator
 
 
+#: What the frozen encoders give a step (``encode_frozen``); the feature cache stores exactly these.
+FROZEN_FIELDS = ("latents", "context", "pooled", "face_states", "region_states")
+
+
+@torch.no_grad()
+def encode_frozen(host: Host, batch: dict[str, Any], clip_image: str = "image") -> dict[str, torch.Tensor]:
+    """VAE latent means, text context (+ pooled for SDXL), CLIP-ViT-H penultimate states of the whole
+    image and of the valid facial crops (zeros in the other slots) of a collated batch."""
+    latents = host.encode_images(batch["pixel_values"])
+    context, pooled = host.encode_text(batch)
+    whole = batch["clip_pixel_values" if clip_image == "image" else "without_background_clip_pixel_values"]
+    face_states = host.clip_hidden_states(whole)
+    valid = batch["valid_region_mask"].to(host.device)
+    crops = batch["facial_clip_pixel_values"].to(host.device)
+    region_states = torch.zeros(*valid.shape, *face_states.shape[1:], device=host.device, dtype=face_states.dtype)
+    if valid.any():
+        region_states[valid] = host.clip_hidden_states(crops[valid]).to(face_states.dtype)
+    return {"latents": latents, "context": context, "pooled": pooled, "face_states": face_states, "region_states": region_states}
+
+
+def cached_frozen(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor | None]:
+    """The frozen features a feature-cache batch (``train.features``) carries, in float32 on ``device``."""
+    return {k: None if batch.get(k) is None else batch[k].to(device, torch.float32) for k in FROZEN_FIELDS}
+
+
 class TrainingModule(nn.Module):
     """The adapter plus the way it is used; ``forward`` returns the losses of one micro-batch.
 
@@ -75,23 +100,12 @@ class TrainingModule(nn.Module):
         self.plan = build_patch_plan(adapter, self.state, losses.localization_layers, losses.localization_attention)
         host.install(self.plan)
 
-    @torch.no_grad()
     def encode_frozen(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        host = self.host
-        latents = host.encode_images(batch["pixel_values"])
-        context, pooled = host.encode_text(batch)
-        whole = batch["clip_pixel_values" if self.losses.clip_image == "image" else "without_background_clip_pixel_values"]
-        face_states = host.clip_hidden_states(whole)
-        valid = batch["valid_region_mask"].to(host.device)
-        crops = batch["facial_clip_pixel_values"].to(host.device)
-        region_states = torch.zeros(*valid.shape, *face_states.shape[1:], device=host.device, dtype=face_states.dtype)
-        if valid.any():
-            region_states[valid] = host.clip_hidden_states(crops[valid]).to(face_states.dtype)
-        return {"latents": latents, "context": context, "pooled": pooled, "face_states": face_states, "region_states": region_states}
+        return encode_frozen(self.host, batch, self.losses.clip_image)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         host, device = self.host, self.host.device
-        frozen = self.encode_frozen(batch)
+        frozen = cached_frozen(batch, device) if "latents" in batch else self.encode_frozen(batch)
         latents = frozen["latents"].float()
         noise = torch.randn(latents.shape, generator=generator, device=device)
         alphas = host.alphas_cumprod

@@ -14,6 +14,7 @@ import torch
 logger = logging.getLogger("train.fit")
 
 METRICS_FILE = "metrics.jsonl"
+VALIDATION_FILE = "validation.jsonl"
 LOSS_NAMES = ("loss", "noise_loss", "facial_loss")
 
 
@@ -63,6 +64,13 @@ class MetricsLogger:
             )
         return record
 
+    def validation(self, step: int, values: dict[str, float]) -> None:
+        """Main process: held-out metrics (``validation/...``) to validation.jsonl and the trackers."""
+        with open(self.output_dir / VALIDATION_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log(values, step=step)
+        logger.info("step %d  %s", step, "  ".join(f"{k.removeprefix('validation/')} {v:.4f}" for k, v in values.items()))
+
     def sample(self, module: Any, records: list, roots: Any, step: int) -> Path:
         from .sampling import sample_grid
 
@@ -93,6 +101,7 @@ def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / METRICS_FILE
+def read_metrics(output_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """Records of metrics.jsonl (or ``name``, e.g. validation.jsonl)."""
+    path = Path(output_dir) / name
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []

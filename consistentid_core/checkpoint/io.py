@@ -9,7 +9,8 @@ Three forms are accepted (``reference-semantics.md`` §1-2):
   prefixes, in a ``.safetensors`` file (the SDXL loader's convention) or a ``.bin``.
 
 Pickles are opened with ``weights_only=True``; anything unreadable, truncated or foreign raises
-:class:`CheckpointFormatError` with a message naming the file and what is wrong.
+:class:`CheckpointFormatError` whose one sentence names the file, what is wrong and what to do
+(:func:`load_weights`, shared by every model loader of the package).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +29,7 @@ FACIAL_ENCODER = "FacialEncoder"
 IMAGE_PROJ_KEYS = ("image_proj", "image_proj_model")
 ADAPTER_MODULES = "adapter_modules"
 SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_SUFFIXES = (SAFETENSORS_SUFFIX, ".sft")
 METADATA_KEY = "consistentid_metadata"
 """``.bin`` only: a dict of strings beside the state dicts (``.safetensors`` keeps it in its header)."""
 
@@ -36,6 +39,11 @@ _FOREIGN_FORMATS = (
     ({"image_proj", "ip_adapter"}, "an IP-Adapter checkpoint"),
     ({"state_dict"}, "a training or Lightning checkpoint"),
 )
+
+RELEASE_FIX = "download it again from Hugging Face JackAILab/ConsistentID"
+_ZIP_MAGIC = b"PK\x03\x04"
+_TRUNCATION_HINTS = ("truncated", "central directory", "failed reading", "ran out of input", "unexpected end")
+_UNSAFE_HINTS = ("unsupported global", "unsupported operand", "weights only load failed")
 
 
 @dataclass
@@ -56,11 +64,11 @@ def read_checkpoint(path: str | os.PathLike) -> ReleaseStateDicts:
             "ConsistentID_SDXL-v1.bin (SDXL) from the Hugging Face repository JackAILab/ConsistentID "
             "into ComfyUI/models/consistentid/."
         )
-    if path.stat().st_size == 0:
-        raise CheckpointFormatError(f"{path.name} is an empty file; the download did not finish. Download it again.")
-    raw = _read_safetensors(path) if path.suffix == SAFETENSORS_SUFFIX else _read_pickle(path)
+    raw = load_weights(path, "ConsistentID model", RELEASE_FIX)
+    if not isinstance(raw, dict):
+        raise CheckpointFormatError(f"{path.name} holds a {type(raw).__name__}, not a ConsistentID state dict.")
     state = split_state_dicts(raw, source=path.name)
-    if path.suffix == SAFETENSORS_SUFFIX:
+    if path.suffix in SAFETENSORS_SUFFIXES:  # the header's metadata (pairing); load_weights read the tensors
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
@@ -68,29 +76,54 @@ def read_checkpoint(path: str | os.PathLike) -> ReleaseStateDicts:
     return state
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_weights(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """Tensors from a ``.safetensors`` file, or a ``torch.load(weights_only=True)`` of anything else.
 
+    Every failure becomes a :class:`CheckpointFormatError` of one sentence, ``"<file> is not a usable
+    <what>: <what is wrong>; <fix>."``, never PyTorch's own text (which advises unsafe loading).
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise unusable_file(path, what, "it is empty (the download did not finish)", fix)
     try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types and OSError
-        raise CheckpointFormatError(
-            f"{path.name} is not a readable .safetensors file ({exc}); it is truncated or corrupt. Download it again."
-        ) from exc
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch, zipfile, pickle and safetensors all raise their own types
+        raise unusable_file(path, what, _why_unreadable(path, error), fix) from error
 
 
-def _read_pickle(path: Path) -> dict:
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip, unpickling and EOF errors all mean the same thing to a user
-        raise CheckpointFormatError(
-            f"{path.name} could not be read as a PyTorch weights file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no details'}). It is truncated, corrupt, or holds "
-            "more than plain tensors. Download it again."
-        ) from exc
-    if not isinstance(data, dict):
-        raise CheckpointFormatError(f"{path.name} holds a {type(data).__name__}, not a ConsistentID state dict.")
-    return data
+def unusable_file(path: str | os.PathLike, what: str, reason: str, fix: str) -> CheckpointFormatError:
+    """The one-sentence error for a model file that cannot be used."""
+    return CheckpointFormatError(f"{Path(path).name} is not a usable {what}: {reason}; {fix}.")
+
+
+def load_error_reason(error: BaseException) -> str | None:
+    """What a weights-file error means (truncated, unsafe contents), from it and its causes; None if unknown."""
+    seen: list[str] = []
+    current: BaseException | None = error
+    while current is not None and len(seen) < 8:
+        seen.append(f"{type(current).__name__} {current}".lower())
+        current = current.__cause__ or current.__context__
+    text = " ".join(seen)
+    if any(hint in text for hint in _TRUNCATION_HINTS) or "eoferror" in text:
+        return "it is truncated or corrupt"
+    if any(hint in text for hint in _UNSAFE_HINTS):
+        return "it holds Python objects besides plain tensors (or is corrupt), which are never loaded for safety"
+    if "safetensor" in text or "deserializ" in text:
+        return "it is not a valid .safetensors file (truncated or corrupt)"
+    return None
+
+
+def _why_unreadable(path: Path, error: BaseException) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    is_pickle = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    if path.suffix not in SAFETENSORS_SUFFIXES and not head.startswith(_ZIP_MAGIC) and not is_pickle:
+        return "it is not a PyTorch weights file (its contents are unrecognised or corrupt)"
+    return load_error_reason(error) or "it is corrupt"
 
 
 def split_state_dicts(raw: dict, source: str = "checkpoint") -> ReleaseStateDicts:

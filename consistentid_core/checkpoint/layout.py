@@ -11,6 +11,9 @@ ComfyUI numbering (``comfy/ldm/modules/diffusionmodules/openaimodel.py``): with 
 blocks per level, ``down_blocks.b.attentions.a`` is ``input_blocks.(1 + (r+1)·b + a).1`` and
 ``up_blocks.b.attentions.a`` is ``output_blocks.((r+1)·b + a).1``; the middle transformer is
 ``middle_block.1`` but its patch key is ``("middle", 0, t)``.
+
+Everything else that differs per base model (captions, text encoders, ID shortcut, checkpoint key
+variants, display names) is in :mod:`consistentid_core.base_models`, which holds these topologies.
 """
 
 from __future__ import annotations

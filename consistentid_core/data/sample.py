@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..checkpoint.io import load_error_reason
 from ..face.clip_preprocess import MAX_FACIAL_PARTS, clip_pixel_values, facial_pixel_values, uncond_pixel_values
 from ..face.images import to_rgb_uint8
 from ..face.labels import NUM_PARSING_CLASSES
@@ -110,7 +111,9 @@ def load_id_embedding(path: Path | None, record: FGIDRecord, missing: str = "zer
         else:
             value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch/numpy raise many types for corrupt files
-        raise DatasetFormatError(f"{record.describe()}: ID embedding {path} is unreadable ({error})") from error
+        reason = load_error_reason(error) or "it is corrupt"
+        raise DatasetFormatError(f"{record.describe()}: ID embedding {path} is unusable: {reason}; prepare the "
+                                 "sample again.") from error
     if not isinstance(value, torch.Tensor) or value.numel() != ID_EMBEDDING_DIM:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise DatasetFormatError(f"{record.describe()}: ID embedding {path} has shape {shape}, expected (1, 512)")

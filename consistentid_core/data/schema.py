@@ -14,6 +14,8 @@ face caption       ``vqa_llva_more_face_detail`` (trainers), ``vqa_llva_facial``
                    ``vqa_llva_face_caption`` (``FGID_faceid_embeds.py`` docs)
 ID embedding       ``id_embed_file_origin``, then ``id_embed_file_resize`` (the trainer's order);
                    absent or ``""`` means "no face was found" (the original trained with zeros)
+identity           ``identity`` (optional; ``train.prepare`` writes it): who the portrait shows, for
+                   held-out validation splits; rows without one count as their own identity
 =================  ==================================================================================
 
 Paths are relative to per-field root folders (the original's ``--data_root_path``,
@@ -36,6 +38,7 @@ PARSING_KEYS = ("parsing_mask_IMG",)
 CAPTION_KEYS = ("vqa_llva",)
 FACE_CAPTION_KEYS = ("vqa_llva_more_face_detail", "vqa_llva_facial", "vqa_llva_face_caption")
 ID_EMBEDDING_KEYS = ("id_embed_file_origin", "id_embed_file_resize")
+IDENTITY_KEY = "identity"
 
 
 class DatasetFormatError(ConsistentIDError):
@@ -52,6 +55,7 @@ class FGIDRecord:
     caption: str
     face_caption: str
     id_embedding: str | None
+    identity: str | None = None
 
     def describe(self) -> str:
         return f"row {self.index} ({self.image})"
@@ -63,6 +67,7 @@ class KeyChoice:
 
     image: str | None = None
     face_caption: str | None = None
+    identity: str = IDENTITY_KEY
 
     def image_keys(self) -> tuple[str, ...]:
         return (self.image,) if self.image else IMAGE_KEYS
@@ -126,7 +131,10 @@ def parse_record(row: Any, index: int, keys: KeyChoice = KeyChoice()) -> FGIDRec
     embedding = _first(row, ID_EMBEDDING_KEYS, "ID embedding path", index, required=False)
     if embedding is not None:
         embedding = _text(embedding, "the ID embedding path", index, allow_empty=True) or None
-    return FGIDRecord(index, image, parsing, caption, face_caption, embedding)
+    identity = row.get(keys.identity)
+    if identity is not None and not isinstance(identity, (str, int)):
+        raise DatasetFormatError(f"row {index}: the identity ({keys.identity}) must be a string or an integer, got {type(identity).__name__}")
+    return FGIDRecord(index, image, parsing, caption, face_caption, embedding, None if identity is None else str(identity))
 
 
 def _rows(path: Path) -> list[Any]:

@@ -13,6 +13,7 @@ Differences from the original, on purpose (reference §4.26):
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from consistentid_core.checkpoint.io import unusable_file
 from consistentid_core.errors import FaceIndexError, MissingModelError, NoFaceDetected
 from consistentid_core.face.images import to_rgb_uint8
 
@@ -121,6 +123,11 @@ def load_face_analysis(
             f"No face detection model found among the .onnx files in {model_dir}; the "
             f"{name} pack is incomplete. Get it again from {_PACK_SOURCE}."
         ) from error
+    except Exception as error:  # ONNX Runtime's InvalidProtobuf/Fail (plain Exceptions) for a damaged .onnx file
+        bad = re.search(r"Load model from (.+?\.onnx) failed", str(error))
+        raise unusable_file(bad.group(1) if bad else model_dir, "InsightFace model",
+                            "ONNX Runtime cannot read it (truncated or corrupt)",
+                            f"get the {name} pack again from {_PACK_SOURCE}") from error
     if "recognition" not in app.models:
         raise MissingModelError(
             f"No face recognition model found among the .onnx files in {model_dir}; the "

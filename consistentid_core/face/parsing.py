@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from consistentid_core.checkpoint.io import load_weights, unusable_file
 from consistentid_core.errors import CheckpointFormatError, MissingModelError
 from consistentid_core.face.images import to_rgb_uint8
 from consistentid_core.face.labels import NUM_PARSING_CLASSES
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 PARSING_MODEL_FILE = "face_parsing.pth"
 PARSING_MODEL_FOLDER = "models/face_parsing"
 PARSING_MODEL_SOURCE = "the ConsistentID Hugging Face repo JackAILab/ConsistentID (file face_parsing.pth)"
+PARSING_MODEL_FIX = f"download {PARSING_MODEL_FILE} again from Hugging Face JackAILab/ConsistentID into {PARSING_MODEL_FOLDER}"
 
 # The original resizes every reference image to 512x512 (aspect ratio not kept) before parsing.
 PARSING_SIZE = 512
@@ -58,21 +60,10 @@ def _new_bisenet() -> nn.Module:
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt files
-        raise CheckpointFormatError(
-            f"{path} could not be read as a PyTorch state dict "
-            f"({type(error).__name__}: {error}). The file may be truncated or corrupt; "
-            f"download {PARSING_MODEL_FILE} again from {PARSING_MODEL_SOURCE}."
-        ) from error
-    if not isinstance(loaded, dict) or not all(
-        isinstance(value, torch.Tensor) for value in loaded.values()
-    ):
-        raise CheckpointFormatError(
-            f"{path} is not a BiSeNet state dict (expected a dict of tensors, "
-            f"got {type(loaded).__name__})."
-        )
+    loaded = load_weights(path, "face parser", PARSING_MODEL_FIX)
+    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        raise unusable_file(path, "face parser", f"it holds a {type(loaded).__name__}, not a dict of tensors (a BiSeNet "
+                            "state dict)", PARSING_MODEL_FIX)
     if loaded and all(key.startswith("module.") for key in loaded):
         loaded = {key[len("module."):]: value for key, value in loaded.items()}
     return loaded
@@ -126,9 +117,9 @@ class FaceParser:
         problems = _layout_problems(net.state_dict(), state_dict)
         if problems:
             raise CheckpointFormatError(
-                f"{path} is not the BiSeNet face parser ConsistentID uses ({len(state_dict)} "
-                f"entries, expected {len(net.state_dict())}): {'; '.join(problems)}. "
-                f"Use {PARSING_MODEL_FILE} from {PARSING_MODEL_SOURCE}."
+                f"{path.name} is not the BiSeNet face parser ConsistentID uses ({len(state_dict)} "
+                f"entries, expected {len(net.state_dict())}: {'; '.join(problems)}); use "
+                f"{PARSING_MODEL_FILE} from {PARSING_MODEL_SOURCE}."
             )
         net.load_state_dict(state_dict, strict=True)
         logger.info("Loaded face parser %s on %s", path, device or "cpu")

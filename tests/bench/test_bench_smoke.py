@@ -1,0 +1,69 @@
+"""``python -m bench --smoke``: every benchmark still runs end to end against a real ComfyUI.
+
+Not a timed test: tiny models, two rounds, targets not evaluated. It runs in a subprocess, as a
+user runs it, so the benchmark's own ComfyUI start-up (sys.path order, headless flags) is covered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import cid_harness
+
+REPO = Path(__file__).resolve().parents[2]
+SECTIONS = {"step", "scaling_resolution", "scaling_identities", "face", "memory", "adapter_size", "training"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root, reason = cid_harness.find_comfyui()
+    if root is None:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    command = [sys.executable, "-m", "bench", "--smoke", "--comfyui", str(root), "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_every_benchmark_writes_its_section(smoke):
+    results, stdout = smoke
+    assert set(results["sections"]) == SECTIONS
+    assert results["meta"]["sizes"] == "smoke"
+    assert "# Results" in stdout and "## Targets" in stdout
+
+
+def test_smoke_targets_are_not_evaluated(smoke):
+    targets = [t for s in smoke[0]["sections"].values() for t in s["targets"]]
+    assert targets and all(t["met"] is None for t in targets)
+
+
+def test_unmerged_stand_in_computes_what_patch_model_computes(smoke):
+    check = smoke[0]["sections"]["step"]["data"]["check"]
+    assert check["patched_vs_plain_max_abs"] > 0
+    assert check["unmerged_vs_patched_relative"] < 1e-3
+
+
+def test_face_paths_differ_in_clip_work_and_the_repeat_is_cached(smoke):
+    """Ours: one CLIP call once the zero image is cached; the original: 4 calls over 12 images;
+    an unchanged graph skips the node."""
+    face = smoke[0]["sections"]["face"]["data"]
+    assert {c["calls"] for c in face["clip_work"]["ours"]} == {1}
+    assert {(c["calls"], c["images"]) for c in face["clip_work"]["original"]} == {(4, 12)}
+    first, repeat = face["graph_runs"]
+    assert first["encode_executed"] and first["clip_images"] == face["clip_work"]["ours"][0]["images"] + 1
+    assert face["uncond_cached"]
+    assert not repeat["encode_executed"] and repeat["clip_calls"] == 0
+
+
+def test_memory_workers_ran_each_variant(smoke):
+    workers = smoke[0]["sections"]["memory"]["data"]["workers"]
+    assert set(workers) == {"plain-fp32", "patched-fp32", "patched-fp16"}
+    assert all(w["finite"] and w["peak_rss_bytes"] > w["phases"]["imported"] // 2 for w in workers.values())
+    assert workers["patched-fp16"]["adapter_bytes"] * 2 == workers["patched-fp32"]["adapter_bytes"]
