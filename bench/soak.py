@@ -30,6 +30,7 @@ IMAGES = ("reference.png", "person_a.png", "person_b.png")
 WEIGHTS = (1.0, 0.8, 1.2, 0.6)
 RUNS, SMOKE_RUNS = 50, 6
 WARMUP = 5
+SOAK_STEPS, SOAK_PX = 1, 64  # what is loaded and kept matters here, not the sampling
 RSS_GROWTH_LIMIT = 0.02
 # Classes whose live instances are counted after every run (by class name: our package is loaded
 # under ComfyUI's path-derived module name).
@@ -76,7 +77,9 @@ def soak_prompt(run: int) -> dict:
         elif node["class_type"] == "ConsistentID_Apply":
             inputs["weight"] = WEIGHTS[run % len(WEIGHTS)]
         elif node["class_type"] == "KSampler":
-            inputs["seed"] = run
+            inputs["seed"], inputs["steps"] = run, SOAK_STEPS
+        elif node["class_type"] == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = SOAK_PX
     return prompt
 
 
@@ -102,6 +105,8 @@ def run(comfy, sizes, progress: Callable[[str], None] = print, runs: int | None 
     progress(f"[soak] building tiny models; {runs} runs of the SD1.5 portrait graph")
     build_models(comfy)
     executor = Executor(comfy)
+    gc.collect()
+    before = {"run": 0, "rss": rss_bytes(), **live_objects()}  # models written, nothing run yet
     samples = []
     for index in range(runs):
         prompt = soak_prompt(index)
@@ -114,22 +119,23 @@ def run(comfy, sizes, progress: Callable[[str], None] = print, runs: int | None 
                      f"adapters alive {samples[-1]['ConsistentIDAdapter']}, tensors {samples[-1]['Tensor']}")
     base, last = samples[warmup - 1], samples[-1]
     growth = (last["rss"] - base["rss"]) / base["rss"]
-    rows = [[name, base[name], last[name], max(s[name] for s in samples[warmup - 1:]), last[name] - base[name]]
+    rows = [[name, before[name], base[name], last[name], max(s[name] for s in samples[warmup - 1:]), last[name] - base[name]]
             for name in TRACKED]
-    rows.insert(0, ["RSS (MiB)", base["rss"] / MiB, last["rss"] / MiB, max(s["rss"] for s in samples[warmup - 1:]) / MiB,
-                    (last["rss"] - base["rss"]) / MiB])
+    rows.insert(0, ["RSS (MiB)", before["rss"] / MiB, base["rss"] / MiB, last["rss"] / MiB,
+                    max(s["rss"] for s in samples[warmup - 1:]) / MiB, (last["rss"] - base["rss"]) / MiB])
     grown = [name for name in TRACKED if last[name] > base[name]]
     return [Section(
         name="soak",
         title=f"Soak: SD1.5 portrait graph x {runs} (image, weight, adapter dtype changed; ComfyUI free-memory "
               f"between runs), after run {warmup} vs after run {runs}",
-        columns=["alive after the run", f"run {warmup}", f"run {runs}", "max since warm-up", "change"],
+        columns=["alive after the run", "before run 1", f"run {warmup}", f"run {runs}", "max since warm-up",
+                 f"change {warmup} to {runs}"],
         rows=rows,
         targets=[Target(f"soak: RSS growth after warm-up (run {warmup} to {runs})", growth, RSS_GROWTH_LIMIT),
                  Target("soak: classes whose live count grew", float(len(grown)), 0.0)],
         notes=[f"tiny models in the real file formats; {warmup} warm-up runs; grown: {', '.join(grown) or 'none'}",
                "object counts are gc-tracked instances by class name after free-memory and gc.collect()"],
-        data={"samples": samples, "rss_growth": growth},
+        data={"before": before, "samples": samples, "rss_growth": growth},
     )]
 
 
