@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train.fit  # noqa: F401  (binds our `train` before loading the custom node puts the repo's parent folder on sys.path)
 from test_train_comfy import RESOLUTION, _model_config, _module, _overrides, data  # noqa: F401  (fixture)
 
 
