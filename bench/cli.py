@@ -1,4 +1,4 @@
-"""``python -m bench [step|face|memory|scaling ...] [--smoke] [--comfyui PATH] [--json PATH]``.
+"""``python -m bench [step|face|memory|scaling|soak ...] [--smoke] [--comfyui PATH] [--json PATH]``.
 
 Runs the selected benchmarks (all by default) in one process, prints each table as it finishes and
 the whole report at the end, and writes everything (raw samples included) as JSON.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.report import Section, format_report, load_average, machine_info, to_json, write_json
 
-BENCHMARKS = ("step", "face", "memory", "scaling", "training")
+BENCHMARKS = ("step", "face", "memory", "scaling", "training", "soak")
 DEFAULT_JSON = str(Path(__file__).resolve().parent / "results" / "latest.json")
 
 # glibc keeps freed memory instead of returning it to the OS (and faulting it in again) on every
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
         progress("[memory] fresh subprocesses")
         done(memory.run(sizes, comfy.root, progress))
+    if "soak" in wanted:
+        from bench import soak
+
+        done(soak.run(comfy, sizes, progress))
 
     wall = time.perf_counter() - started
     meta = machine_info({

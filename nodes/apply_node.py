@@ -12,7 +12,7 @@ from consistentid_core.face_features import face_id_tokens
 
 from .conditioning import FACIAL_PARTS, encode_conditioning
 from .patch import adapter_id, patch_model
-from .runtime import USER_ERRORS, load_adapter, user_error
+from .runtime import USER_ERRORS, LoadedConsistentID, user_error
 from .types import CATEGORY, ConsistentIDFace, ConsistentIDModel, EncodedFace
 
 NODE_NAME = "Apply ConsistentID"
@@ -85,7 +85,7 @@ class ApplyConsistentID(io.ComfyNode):
         cls,
         model,
         clip,
-        consistentid,
+        consistentid: LoadedConsistentID,
         face: EncodedFace,
         positive: str,
         negative: str,
@@ -100,10 +100,10 @@ class ApplyConsistentID(io.ComfyNode):
     ) -> io.NodeOutput:
         enabled = [part for part in FACIAL_PARTS if use_parts.get(f"use_{part}", True)]
         try:
-            adapter = load_adapter(consistentid)
+            adapter = consistentid.adapter
             conditioning = encode_conditioning(
                 clip, adapter, face.features, positive, negative, facial_weight, merge_at,
-                face_caption=face.face_caption, parts=enabled,
+                face_caption=face.face_caption, parts=enabled, prepare_adapter=consistentid.load,
             )
             if face.features.is_empty:
                 return io.NodeOutput(model, *conditioning)

@@ -26,7 +26,7 @@ training fed CLIP-G the marker-free text. We give CLIP-G the marker-free ids (CL
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -105,6 +105,7 @@ def encode_conditioning(
     *,
     face_caption: str | None = None,
     parts: Iterable[str] | None = None,
+    prepare_adapter: Callable[[], object] | None = None,
 ) -> tuple[list, list]:
     """Return ComfyUI ``(positive, negative)`` conditioning for one face (module docstring).
 
@@ -112,7 +113,8 @@ def encode_conditioning(
     0 = plain text). ``face_caption`` None = the original's template for this base model.
     ``parts`` limits the facial parts used (default all of face, eyes, ears, nose, mouth); a part
     left out behaves as if the parser had not found it. Raises ModelMismatch for a CLIP or face of
-    another base model.
+    another base model. ``prepare_adapter`` runs after the text encoders and before the adapter
+    computes (the nodes load the adapter there, so loading CLIP cannot evict it first).
     """
     _check_clip(clip, adapter)
     _check_face(face, adapter)
@@ -143,6 +145,8 @@ def encode_conditioning(
     facial_cond, facial_pooled = encode_token_ids(clip, spec, prompt.input_ids)
     text_cond, text_pooled = encode_token_ids(clip, spec, spec.text_only_ids(prompt, text, tokenizer))
 
+    if prepare_adapter is not None:
+        prepare_adapter()
     token_mask = torch.tensor(prompt.facial_token_mask, dtype=torch.bool)[None]
     valid = torch.tensor(prompt.valid_region_mask, dtype=torch.bool)[None]
     with torch.no_grad():

@@ -3,6 +3,11 @@
 Models are Hugging Face folders in ``models/LLM/<name>/`` (any image-text-to-text model
 transformers loads natively; LLaVA-1.5 wrote the original's training captions). Nothing is
 downloaded. The ``template`` choice needs no model and gives the original's built-in caption.
+
+The model belongs to ComfyUI's memory management while it exists: it is read onto the offload
+device, wrapped in a ModelPatcher and loaded with ``load_models_gpu`` (which first frees room by
+offloading other models), and dropped when the node returns (ComfyUI's output cache keeps the
+caption, so it runs again only for another photo or instruction).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 import torch
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
@@ -21,14 +27,13 @@ from comfy_api.latest import io, ui
 from consistentid_core.caption import DEFAULT_MAX_NEW_TOKENS, FACE_INSTRUCTION, VLM_FOLDER, FaceCaptioner, describe_face
 
 from .conditioning import default_face_caption
-from .runtime import USER_ERRORS, user_error
+from .runtime import USER_ERRORS, auxiliary_patcher, load_fully, user_error
 from .types import CATEGORY, ConsistentIDModel
 
 logger = logging.getLogger(__name__)
 
 NODE_NAME = "ConsistentID Describe Face"
 TEMPLATE = "template"
-_loaded: dict[tuple, FaceCaptioner] = {}  # kept models, by (folder, device, dtype)
 
 
 def vlm_roots() -> list[Path]:
@@ -52,16 +57,12 @@ def vlm_folder(name: str) -> Path:
     return next((root / name for root in roots if (root / name).is_dir()), roots[-1] / name)
 
 
-def _captioner(name: str, keep_loaded: bool) -> FaceCaptioner:
+def load_describer(name: str) -> tuple[FaceCaptioner, comfy.model_patcher.ModelPatcher]:
+    """The captioner, read onto the offload device, and the ModelPatcher that moves it (fp16 where ComfyUI computes in fp16)."""
     device = comfy.model_management.get_torch_device()
     dtype = torch.float16 if comfy.model_management.should_use_fp16(device) else torch.float32
-    key = (str(vlm_folder(name)), str(device), str(dtype))
-    if key in _loaded:
-        return _loaded[key]
-    captioner = FaceCaptioner.load(vlm_folder(name), device=device, dtype=dtype)
-    if keep_loaded:
-        _loaded[key] = captioner
-    return captioner
+    captioner = FaceCaptioner.load(vlm_folder(name), device=comfy.model_management.unet_offload_device(), dtype=dtype)
+    return captioner, auxiliary_patcher(captioner.model)
 
 
 class DescribeFace(io.ComfyNode):
@@ -85,8 +86,6 @@ class DescribeFace(io.ComfyNode):
                 io.Combo.Input("on_model_error", options=["error", "template"], default="error",
                                tooltip="When the model is missing or cannot be loaded: stop with the reason, or "
                                "continue with the template caption (logged as a warning)."),
-                io.Boolean.Input("keep_loaded", default=False,
-                                 tooltip="Keep the model in memory between runs (faster, uses its memory)."),
                 ConsistentIDModel.Input("consistentid", optional=True,
                                         tooltip="Optional: picks the template of this model's base (SD1.5 or SDXL)."),
             ],
@@ -95,24 +94,20 @@ class DescribeFace(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, model: str, instruction: str = FACE_INSTRUCTION, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                on_model_error: str = "error", keep_loaded: bool = False, consistentid=None) -> io.NodeOutput:
+                on_model_error: str = "error", consistentid=None) -> io.NodeOutput:
         template = default_face_caption(getattr(consistentid, "base_model", None))
         if model == TEMPLATE:
             return io.NodeOutput(template, ui=ui.PreviewText(template))
         try:
-            captioner = _captioner(model, keep_loaded)
+            captioner, patcher = load_describer(model)
         except USER_ERRORS as error:
             if on_model_error != "template":
                 raise user_error(NODE_NAME, error) from error
             logger.warning("%s: %s; using the template caption", NODE_NAME, error)
             return io.NodeOutput(template, ui=ui.PreviewText(template))
+        load_fully(patcher)
         progress = comfy.utils.ProgressBar(max_new_tokens)
-        try:
-            caption = describe_face(image[0], captioner, template, instruction=instruction or FACE_INSTRUCTION,
-                                    max_new_tokens=max_new_tokens,
-                                    progress=lambda done, total: progress.update_absolute(done, total))
-        finally:
-            if not keep_loaded:
-                del captioner
-                comfy.model_management.soft_empty_cache()
+        caption = describe_face(image[0], captioner, template, instruction=instruction or FACE_INSTRUCTION,
+                                max_new_tokens=max_new_tokens,
+                                progress=lambda done, total: progress.update_absolute(done, total))
         return io.NodeOutput(caption, ui=ui.PreviewText(caption))

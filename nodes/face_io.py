@@ -10,7 +10,6 @@ the face against the connected ConsistentID model and recomputes its ID tokens f
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,8 +27,7 @@ from consistentid_core.face_store import (
     resolve_in, save_face,
 )
 
-from .patch import adapter_id
-from .runtime import USER_ERRORS, load_adapter, user_error
+from .runtime import USER_ERRORS, LoadedConsistentID, user_error
 from .types import CATEGORY, ConsistentIDFace, ConsistentIDModel, EncodedFace
 
 logger = logging.getLogger(__name__)
@@ -46,8 +44,6 @@ _GRAPH_SOURCES = (
     ("face_parser", "face_parser", "parser_name"),
     ("image", "source_image", "image"),
 )
-# Provenance of loaded faces, so that saving a loaded face again keeps it.
-_provenance: "weakref.WeakKeyDictionary[EncodedFace, dict[str, str]]" = weakref.WeakKeyDictionary()
 
 
 def face_files() -> list[str]:
@@ -133,7 +129,7 @@ class SaveFace(io.ComfyNode):
                 raise ValueError("the face holds no identity (no face was found in the reference images); nothing to save")
             root = Path(folder_paths.get_output_directory())
             path = next_free_path(root, filename_prefix.strip() or DEFAULT_PREFIX)
-            provenance = {**_provenance.get(face, {}), **graph_provenance(cls.hidden.prompt, cls.hidden.unique_id)}
+            provenance = {**face.provenance, **graph_provenance(cls.hidden.prompt, cls.hidden.unique_id)}
             digest = source_sha256(image, provenance)
             if digest:
                 provenance["source_image_sha256"] = digest
@@ -197,19 +193,18 @@ class LoadFace(io.ComfyNode):
         return str(path), path.stat().st_mtime
 
     @classmethod
-    def execute(cls, face_file: str, consistentid) -> io.NodeOutput:
+    def execute(cls, face_file: str, consistentid: LoadedConsistentID) -> io.NodeOutput:
         try:
             stored = load_face(face_path(face_file))
-            clip_width, id_dim = adapter_face_dims(consistentid)
+            clip_width, id_dim = adapter_face_dims(consistentid.adapter)
             check_compatible(stored, clip_width, id_dim, consistentid.base_model, name=face_file)
-            id_tokens, uncond_id_tokens = face_id_tokens(load_adapter(consistentid), stored.features)
+            id_tokens, uncond_id_tokens = face_id_tokens(consistentid.load(), stored.features)
         except FileNotFoundError as error:
             raise user_error(LOAD_NAME, ValueError(str(error))) from error
         except USER_ERRORS as error:
             raise user_error(LOAD_NAME, error) from error
         if _tokens_differ(stored.id_tokens, id_tokens):
             logger.info("ConsistentID: %s was saved with another ConsistentID model; ID tokens recomputed for this one", face_file)
-        encoded = EncodedFace(stored.features, stored.face_caption, stored.base_model, adapter_id(consistentid),
-                              id_tokens.cpu(), uncond_id_tokens.cpu())
-        _provenance[encoded] = dict(stored.provenance)
+        encoded = EncodedFace(stored.features, stored.face_caption, stored.base_model, consistentid.id,
+                              id_tokens.cpu(), uncond_id_tokens.cpu(), dict(stored.provenance))
         return io.NodeOutput(encoded, stored.face_caption, ui=ui.PreviewText(describe_stored(face_file, stored)))

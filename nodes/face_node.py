@@ -13,8 +13,7 @@ from consistentid_core.face import FaceAnalyzer
 from consistentid_core.face_features import extract_face_features, face_id_tokens, face_mask
 
 from .conditioning import default_face_caption
-from .patch import adapter_id
-from .runtime import USER_ERRORS, clip_vision_hidden_states, load_adapter, user_error
+from .runtime import USER_ERRORS, LoadedConsistentID, clip_vision_hidden_states, user_error
 from .types import CATEGORY, ConsistentIDFace, ConsistentIDModel, EncodedFace, FaceParserType
 
 NODE_NAME = "ConsistentID Encode Face"
@@ -85,7 +84,7 @@ class EncodeFace(io.ComfyNode):
         face_analysis,
         face_parser,
         clip_vision,
-        consistentid,
+        consistentid: LoadedConsistentID,
         face_caption: str = "",
         face_index: int = 0,
         on_no_face: str = "error",
@@ -93,7 +92,6 @@ class EncodeFace(io.ComfyNode):
         progress = comfy.utils.ProgressBar(1)
         try:
             hidden_states = clip_vision_hidden_states(clip_vision)
-            adapter = load_adapter(consistentid)
             face_parser.to(comfy.model_management.get_torch_device())
             try:
                 features = extract_face_features(
@@ -104,11 +102,11 @@ class EncodeFace(io.ComfyNode):
                     face_index=face_index,
                     on_no_face=on_no_face,
                     progress=lambda done, total: progress.update_absolute(done, total),
-                    pairing=adapter.pairing,  # corrected adapters also need the union crops
+                    pairing=consistentid.adapter.pairing,  # corrected adapters also need the union crops
                 )
             finally:
                 face_parser.to(comfy.model_management.unet_offload_device())
-            id_tokens, uncond_id_tokens = face_id_tokens(adapter, features)
+            id_tokens, uncond_id_tokens = face_id_tokens(consistentid.load(), features)
         except USER_ERRORS as error:
             raise user_error(NODE_NAME, error) from error
 
@@ -116,7 +114,7 @@ class EncodeFace(io.ComfyNode):
             features=features,
             face_caption=face_caption if face_caption.strip() else default_face_caption(consistentid.base_model),
             base_model=consistentid.base_model,
-            adapter_id=adapter_id(consistentid),
+            adapter_id=consistentid.id,
             id_tokens=id_tokens.cpu(),
             uncond_id_tokens=uncond_id_tokens.cpu(),
         )

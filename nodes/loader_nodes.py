@@ -14,7 +14,7 @@ from consistentid_core.base_models import release_files_hint
 from consistentid_core.face import FaceAnalyzer, FaceParser
 
 from . import folders
-from .runtime import USER_ERRORS, adapter_dtype, user_error
+from .runtime import USER_ERRORS, LoadedConsistentID, adapter_dtype, user_error
 from .types import CATEGORY, ConsistentIDModel, FaceParserType
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class LoadConsistentIDModel(io.ComfyNode):
             f"{adapter.lora_rank}, {adapter.num_tokens} ID tokens, {str(adapter.dtype).replace('torch.', '')}"
         )
         logger.info("ConsistentID: loaded %s (%s)", model_name, info)
-        return io.NodeOutput(adapter, ui=ui.PreviewText(info))
+        return io.NodeOutput(LoadedConsistentID(adapter), ui=ui.PreviewText(info))
 
 
 class LoadInsightFace(io.ComfyNode):

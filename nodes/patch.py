@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-import weakref
 
 import torch
 
@@ -32,14 +31,14 @@ logger = logging.getLogger(__name__)
 
 LORA_SOURCE_ATTRIBUTE = "consistentid_source"
 
-_adapter_ids: "weakref.WeakKeyDictionary[ConsistentIDAdapter, str]" = weakref.WeakKeyDictionary()
+ADAPTER_ID_ATTRIBUTE = "consistentid_id"
 
 
 def adapter_id(adapter: ConsistentIDAdapter) -> str:
-    """A stable id per loaded adapter object (tags its LoRA patches so they are merged once)."""
-    if adapter not in _adapter_ids:
-        _adapter_ids[adapter] = uuid.uuid4().hex
-    return _adapter_ids[adapter]
+    """A stable id per loaded adapter object (tags its LoRA patches so they are merged once), kept on it."""
+    if getattr(adapter, ADAPTER_ID_ATTRIBUTE, None) is None:
+        setattr(adapter, ADAPTER_ID_ATTRIBUTE, uuid.uuid4().hex)
+    return getattr(adapter, ADAPTER_ID_ATTRIBUTE)
 
 
 def describe_model(model_patcher: comfy.model_patcher.ModelPatcher) -> str:

@@ -1,7 +1,9 @@
 """Devices, memory and messages for the nodes: ComfyUI owns where auxiliary models live.
 
-* The adapter (FacialEncoder, ID projection, ID key/value weights) is wrapped in a ModelPatcher so
-  ``comfy.model_management`` loads it onto the compute device right before use and may offload it.
+* The adapter (FacialEncoder, ID projection, ID key/value weights) and Describe Face's VLM are
+  wrapped in ModelPatchers, so ``comfy.model_management`` loads them onto the compute device right
+  before they compute, offloads them under pressure and forgets them with their socket objects
+  (:class:`LoadedConsistentID`; no module-level registry keeps anything alive).
 * CLIP vision runs through ComfyUI's CLIP_VISION model, fed the original's CLIPImageProcessor
   pixels (ComfyUI's own ``encode_image`` preprocessing differs by up to one uint8 level).
 * Typed core errors become messages that say what to do.
@@ -9,7 +11,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -21,18 +22,57 @@ import comfy.model_patcher
 from consistentid_core import ConsistentIDAdapter, ConsistentIDError, ModelMismatch
 from consistentid_core.face import CLIP_IMAGE_SIZE
 
+from .patch import adapter_id
+
 CLIP_BATCH = 32  # images per CLIP vision forward; a reference set rarely needs more than one
 
 
-class _AdapterHolder(nn.Module):
-    """ModelPatcher sets bookkeeping attributes (``device``…) on its model; the adapter's are properties."""
+class ModuleHolder(nn.Module):
+    """What a ModelPatcher wraps for a plain module: ComfyUI sets bookkeeping attributes (``device``…)
+    on its model, which the adapter and transformers models expose as read-only properties."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def auxiliary_patcher(module: nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher for an auxiliary model: ComfyUI loads it on the compute device, offloads it
+    under memory pressure, unloads it with "unload models", and forgets it with the module."""
+    return comfy.model_patcher.ModelPatcher(
+        ModuleHolder(module),
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def load_fully(patcher: comfy.model_patcher.ModelPatcher) -> None:
+    """Load onto the compute device now (plain torch modules have no comfy cast ops, so no partial load)."""
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+
+
+class LoadedConsistentID:
+    """What the ``CONSISTENTID`` socket carries: the adapter, the ModelPatcher through which ComfyUI
+    loads and offloads it, and its id (which tags its LoRA patches). Nothing else refers to them, so
+    they go when ComfyUI drops the loader's output."""
 
     def __init__(self, adapter: ConsistentIDAdapter) -> None:
-        super().__init__()
         self.adapter = adapter
+        self.patcher = auxiliary_patcher(adapter)
+        self.id = adapter_id(adapter)
 
+    @property
+    def base_model(self) -> str:
+        return self.adapter.base_model
 
-_patchers: "weakref.WeakKeyDictionary[ConsistentIDAdapter, comfy.model_patcher.ModelPatcher]" = weakref.WeakKeyDictionary()
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.dtype
+
+    def load(self) -> ConsistentIDAdapter:
+        """The adapter on the compute device; call right before it computes (another model's load may evict it)."""
+        load_fully(self.patcher)
+        return self.adapter
 
 
 def adapter_dtype(choice: str = "auto") -> torch.dtype:
@@ -42,21 +82,6 @@ def adapter_dtype(choice: str = "auto") -> torch.dtype:
         return named[choice]
     device = comfy.model_management.get_torch_device()
     return torch.float16 if comfy.model_management.should_use_fp16(device) else torch.float32
-
-
-def load_adapter(adapter: ConsistentIDAdapter) -> ConsistentIDAdapter:
-    """Put the adapter on the compute device through ComfyUI's memory management; returns it."""
-    patcher = _patchers.get(adapter)
-    if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(
-            _AdapterHolder(adapter),
-            load_device=comfy.model_management.get_torch_device(),
-            offload_device=comfy.model_management.unet_offload_device(),
-        )
-        _patchers[adapter] = patcher
-    # Plain torch modules cannot be partially loaded (no comfy cast ops): load fully or not at all.
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    return adapter
 
 
 def clip_vision_hidden_states(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -82,14 +107,14 @@ def clip_vision_hidden_states(clip_vision) -> Callable[[torch.Tensor], torch.Ten
 
     def run(pixel_values: torch.Tensor) -> torch.Tensor:
         # The unconditional input (all-zero normalised pixels) is the same for every photo: encode it
-        # once per CLIP vision model and serve it from the cache afterwards.
+        # once per CLIP vision model, kept on that model object (it goes with the model).
         is_zero = pixel_values.flatten(1).abs().amax(dim=1) == 0
         if not bool(is_zero.any()):
             return encode(pixel_values)
-        uncond = _UNCOND_CACHE.get(clip_vision)
+        uncond = getattr(clip_vision, UNCOND_ATTRIBUTE, None)
         if uncond is None:
             uncond = encode(torch.zeros_like(pixel_values[:1]))[0]
-            _UNCOND_CACHE[clip_vision] = uncond
+            setattr(clip_vision, UNCOND_ATTRIBUTE, uncond)
         out = uncond.expand(pixel_values.shape[0], *uncond.shape).clone()
         if not bool(is_zero.all()):
             out[~is_zero] = encode(pixel_values[~is_zero])
@@ -98,8 +123,8 @@ def clip_vision_hidden_states(clip_vision) -> Callable[[torch.Tensor], torch.Ten
     return run
 
 
-#: Hidden states of the all-zero CLIP input, per CLIP vision model object (dropped with the model).
-_UNCOND_CACHE: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
+#: Attribute of a CLIP_VISION object holding the hidden states of its all-zero input.
+UNCOND_ATTRIBUTE = "consistentid_uncond_hidden_states"
 
 
 class NodeError(RuntimeError):

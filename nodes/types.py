@@ -1,13 +1,15 @@
 """Socket types and the objects that travel on them.
 
-``CONSISTENTID`` carries a ``consistentid_core.ConsistentIDAdapter``; ``FACE_PARSER`` a
+``CONSISTENTID`` carries a :class:`runtime.LoadedConsistentID` (the adapter, its ModelPatcher and
+its id); ``FACE_PARSER`` a
 ``consistentid_core.face.FaceParser``; ``FACE_ANALYSIS`` (ComfyUI's own socket type) a
 ``consistentid_core.face.FaceAnalyzer``; ``CONSISTENTID_FACE`` an :class:`EncodedFace`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from comfy_api.latest import io
@@ -26,7 +28,8 @@ class EncodedFace:
     """A reference face ready for Apply ConsistentID: features, caption and ID tokens.
 
     ``id_tokens``/``uncond_id_tokens`` were made by the adapter whose id is ``adapter_id``; Apply
-    recomputes them when it is given another adapter.
+    recomputes them when it is given another adapter. ``provenance`` (model and image names, from a
+    loaded face file) is written again when the face is saved.
     """
 
     features: FaceFeatures
@@ -35,3 +38,4 @@ class EncodedFace:
     adapter_id: str
     id_tokens: torch.Tensor
     uncond_id_tokens: torch.Tensor
+    provenance: Mapping[str, str] = field(default_factory=dict)

@@ -69,7 +69,7 @@ class MetricsLogger:
         with open(self.output_dir / VALIDATION_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **values}) + "\n")
         self.accelerator.log(values, step=step)
-        logger.info("step %d  %s", step, "  ".join(f"{k.removeprefix('validation/')} {v:.4f}" for k, v in values.items()))
+        logger.info("step %d  validation: %s", step, "  ".join(f"{k.removeprefix('validation/')} {v:.4f}" for k, v in values.items()))
 
     def sample(self, module: Any, records: list, roots: Any, step: int) -> Path:
         from .sampling import sample_grid

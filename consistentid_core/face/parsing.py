@@ -23,7 +23,7 @@ from consistentid_core.errors import CheckpointFormatError, MissingModelError
 from consistentid_core.face.images import to_rgb_uint8
 from consistentid_core.face.labels import NUM_PARSING_CLASSES
 
-__all__ = ["FaceParser", "PARSING_SIZE", "PART_COLORS", "colorize_parsing"]
+__all__ = ["FaceParser", "PARSING_SIZE", "PART_COLORS", "colorize_parsing", "new_bisenet"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ PART_COLORS = np.array(
 )
 
 
-def _new_bisenet() -> nn.Module:
+def new_bisenet() -> nn.Module:
+    """An untrained BiSeNet(19 classes): the layout of the released face_parsing.pth."""
     # Imported lazily: facexlib imports all of its sub-packages (about 2 s).
     from facexlib.parsing.bisenet import BiSeNet
 
@@ -113,7 +114,7 @@ class FaceParser:
                 f"{PARSING_MODEL_SOURCE}."
             )
         state_dict = _read_state_dict(path)
-        net = _new_bisenet()
+        net = new_bisenet()
         problems = _layout_problems(net.state_dict(), state_dict)
         if problems:
             raise CheckpointFormatError(

@@ -55,7 +55,7 @@ class FacialEncoder(nn.Module):
             embedding_dim=proj_in.shape[1],
             output_dim=state_dict["visual_projection.proj_out.weight"].shape[0],
             dim=latents.shape[-1],
-            depth=_count_layers(state_dict, "visual_projection.layers."),
+            depth=count_layers(state_dict, "visual_projection.layers."),
             heads=inner // DIM_HEAD,
             ff_mult=ff_in.shape[0] // ff_in.shape[1],
             num_latents=latents.shape[1],
@@ -110,7 +110,8 @@ class FacialEncoder(nn.Module):
         return out
 
 
-def _count_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+def count_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of ``prefix<i>.`` layers in a state dict (a checkpoint's depth), refusing gaps."""
     indices = {int(key[len(prefix):].split(".", 1)[0]) for key in state_dict if key.startswith(prefix)}
     if indices != set(range(len(indices))):
         raise KeyError(f"non-contiguous layer indices under {prefix!r}: {sorted(indices)}")

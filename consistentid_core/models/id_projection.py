@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .facial_encoder import _count_layers
+from .facial_encoder import count_layers
 from .perceiver import DIM_HEAD, PerceiverResampler
 
 
@@ -54,7 +54,7 @@ class IDProjection(nn.Module):
             id_embedding_dim=state_dict["proj.0.weight"].shape[1],
             clip_embedding_dim=state_dict["perceiver_resampler.proj_in.weight"].shape[1],
             num_tokens=state_dict["proj.2.weight"].shape[0] // cross_attention_dim,
-            depth=_count_layers(state_dict, "perceiver_resampler.layers."),
+            depth=count_layers(state_dict, "perceiver_resampler.layers."),
             ff_mult=ff_in.shape[0] // ff_in.shape[1],
         )
 

@@ -17,7 +17,7 @@ import pytest
 from tests.fixtures import cid_harness
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = {"step", "scaling_resolution", "scaling_identities", "face", "memory", "adapter_size", "training"}
+SECTIONS = {"step", "scaling_resolution", "scaling_identities", "face", "memory", "adapter_size", "training", "soak"}
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,10 @@ def test_memory_workers_ran_each_variant(smoke):
     assert set(workers) == {"plain-fp32", "patched-fp32", "patched-fp16"}
     assert all(w["finite"] and w["peak_rss_bytes"] > w["phases"]["imported"] // 2 for w in workers.values())
     assert workers["patched-fp16"]["adapter_bytes"] * 2 == workers["patched-fp32"]["adapter_bytes"]
+
+
+def test_soak_leaves_no_adapter_alive_after_free_memory(smoke):
+    """Every soak run's adapter (a new dtype each run) is gone after ComfyUI's free-memory."""
+    samples = smoke[0]["sections"]["soak"]["data"]["samples"]
+    assert len(samples) == 6
+    assert all(s["ConsistentIDAdapter"] == 0 and s["LoadedConsistentID"] == 0 and s["ModelPatcher"] == 0 for s in samples)

@@ -92,10 +92,10 @@ def test_adapter_checkpoint(tmp_path, marker, kind, suffix):
 
 @pytest.fixture(scope="module")
 def parser_bytes(tmp_path_factory) -> bytes:
-    from consistentid_core.face.parsing import _new_bisenet
+    from consistentid_core.face.parsing import new_bisenet
 
     path = tmp_path_factory.mktemp("parser") / "face_parsing.pth"
-    torch.save(_new_bisenet().state_dict(), path)
+    torch.save(new_bisenet().state_dict(), path)
     return path.read_bytes()
 
 

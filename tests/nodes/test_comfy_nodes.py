@@ -29,7 +29,8 @@ def loaded(comfy):
     result = comfy.runner.run(_portrait(), outputs=outputs)
     assert result.success, result.error
     objects = {  # read before the next run: the executor keeps only the last prompt's outputs
-        "model": _first(result, CHECKPOINT), "clip": _first(result, CHECKPOINT, 1), "adapter": _first(result, ADAPTER),
+        "model": _first(result, CHECKPOINT), "clip": _first(result, CHECKPOINT, 1), "consistentid": _first(result, ADAPTER),
+        "adapter": _first(result, ADAPTER).adapter,
         "analysis": _first(result, INSIGHTFACE), "parser": _first(result, PARSER), "clip_vision": _first(result, CLIP_VISION),
         "image": _first(result, IMAGE), "face": _first(result, ENCODE), "parsing": _first(result, ENCODE, 1),
         "face_mask": _first(result, ENCODE, 2), "loader_ui": result.history["outputs"].get(ADAPTER, {}),
@@ -39,14 +40,14 @@ def loaded(comfy):
         "2": {"class_type": "ConsistentID_ModelLoader", "inputs": {"model_name": "ConsistentID_SDXL-v1.bin", "dtype": "auto"}},
     }, outputs=["1", "2"])
     assert sdxl.success, sdxl.error
-    return {**objects, "sdxl_clip": _first(sdxl, "1", 1), "sdxl_adapter": _first(sdxl, "2")}
+    return {**objects, "sdxl_clip": _first(sdxl, "1", 1), "sdxl_adapter": _first(sdxl, "2").adapter}
 
 
 def _encode(comfy, loaded, image, **options):
     node = comfy.nodes.NODE_CLASS_MAPPINGS["ConsistentID_EncodeFace"]
     with torch.inference_mode():  # as the executor runs nodes
         output = node.execute(
-            image, loaded["analysis"], loaded["parser"], loaded["clip_vision"], loaded["adapter"], **options
+            image, loaded["analysis"], loaded["parser"], loaded["clip_vision"], loaded["consistentid"], **options
         )
     return output.args
 
@@ -322,7 +323,7 @@ def test_unconditional_clip_features_are_encoded_once_per_clip_model(comfy, load
         calls.append(kwargs["pixel_values"].shape[0])
         return original_forward(*args, **kwargs)
 
-    runtime._UNCOND_CACHE.pop(clip_vision, None)
+    clip_vision.__dict__.pop(runtime.UNCOND_ATTRIBUTE, None)
     clip_vision.model.forward = counting_forward
     try:
         with torch.inference_mode():  # as the executor runs nodes

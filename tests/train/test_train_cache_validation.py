@@ -141,3 +141,19 @@ def test_validation_loss_is_deterministic_and_the_grid_is_scored(comfy, data, tm
     assert set(scores) == {"validation/FaceSim", "validation/CLIP-T"}
     images = sorted((tmp_path / "run" / "validation" / "step-00000007").rglob("*.png"))
     assert len(images) == 2 * len(config.train.validation_prompts)
+
+
+def test_resume_from_the_cache_stream_reproduces_the_uninterrupted_weights(comfy, data, cached, tmp_path):
+    """The stream position is recomputed from the step: 3 + 2 steps end where 5 straight steps end."""
+    from train.checkpointing import find_checkpoint
+    from train.fit import run
+
+    folder, _ = cached
+    for name, steps in (("straight", [5]), ("interrupted", [3, 5])):
+        for max_steps in steps:
+            config = _config(comfy, data, tmp_path / name, max_steps=max_steps, checkpoint_every=10, validation_every=100)
+            config.data.cache, config.data.validation_identities, config.data.shuffle_buffer = str(folder), 2, 2
+            run(config)
+    straight = load_file(find_checkpoint(tmp_path / "straight", "auto") / "model.safetensors")
+    resumed = load_file(find_checkpoint(tmp_path / "interrupted", "auto") / "model.safetensors")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0.0

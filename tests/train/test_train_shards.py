@@ -127,3 +127,13 @@ def test_too_few_shards_for_the_processes_is_a_clear_error(tmp_path):
     _cache(tmp_path, counts=(2, 2))
     with pytest.raises(ValueError, match="smaller --shard-size"):
         ShardStream(tmp_path, 1, 0, 3)
+
+
+def test_the_loader_reads_ahead_in_one_worker_and_keeps_the_order(tmp_path):
+    from train.shards import cache_loader
+
+    _cache(tmp_path)
+    direct = _rows(ShardStream(tmp_path, 2, seed=4, drop_prob=0.3), 8)
+    loader = cache_loader(ShardStream(tmp_path, 2, seed=4, drop_prob=0.3), num_workers=4, pin_memory=False)
+    assert loader.num_workers == 1
+    assert _rows(loader, 8) == direct

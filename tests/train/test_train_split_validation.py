@@ -89,3 +89,10 @@ def test_best_adapter_follows_the_metric_and_survives_a_restart(tmp_path, metric
     assert state["step"] == best_step and state["value"] == (min(finite) if metric.endswith("loss") else max(finite))
     assert (tmp_path / "best" / "consistentid_adapter.safetensors").read_text() == f"step{best_step}"
     assert not BestCheckpoint(tmp_path, None).update(9, {metric: -1.0}, _Adapter("x"))
+
+
+def test_prepare_names_the_identity_after_the_portrait_folder(tmp_path):
+    from train.prepare import Item
+
+    assert Item(tmp_path, tmp_path, "alice/001.jpg").record["identity"] == "alice"
+    assert "identity" not in Item(tmp_path, tmp_path, "loose.jpg").record
