@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from consistentid_core.attention import IdentityTerm, add_identities, layer_rows, select_chunks
 from consistentid_core.models import LORA_TARGETS
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -72,7 +73,8 @@ class RuntimeIDAttention:
     """attn2 replacement: text attention plus ``scale`` · attention over ID keys/values projected now.
 
     ``tokens``: ``(2, T, D)``, the cond ID tokens then the uncond ones; each batch chunk gets the
-    row ``extra_options["cond_or_uncond"]`` names (0 = cond, 1 = uncond), as ComfyUI batches them.
+    row ``consistentid_core.attention.layer_rows`` names (the nodes' rule), and the ID branch is the
+    core's :func:`~consistentid_core.attention.add_identities`, as in ``patch_model``.
     """
 
     def __init__(self, layer: nn.Module, tokens: torch.Tensor, attention: AttentionFn, scale: float = 1.0) -> None:
@@ -84,14 +86,16 @@ class RuntimeIDAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
         options = {"attn_precision": extra_options.get("attn_precision"), "transformer_options": extra_options}
-        out = self.attention(q, k, v, heads, **options)
-        chunks = list(extra_options.get("cond_or_uncond") or [0])
-        batch = q.shape[0] // len(chunks)
-        tokens = torch.cat([self.tokens[1 if kind == 1 else 0].expand(batch, -1, -1) for kind in chunks])
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self.attention(q, k, v, heads, **options)
+
+        out = attend(q, k, v)
+        rows = layer_rows(extra_options)
+        tokens = select_chunks(self.tokens[:, None], rows, q.shape[0] // len(rows))
         tokens = tokens.to(device=q.device, dtype=self.layer.to_k_ip.weight.dtype)
-        k_ip = self.layer.to_k_ip(tokens).to(q.dtype)
-        v_ip = self.layer.to_v_ip(tokens).to(q.dtype)
-        return out + self.scale * self.attention(q, k_ip, v_ip, heads, **options)
+        term = IdentityTerm(self.layer.to_k_ip(tokens), self.layer.to_v_ip(tokens), self.scale)
+        return add_identities(out, q, [term], attend)
 
     def to(self, *args: Any, **kwargs: Any) -> "RuntimeIDAttention":
         return self  # ComfyUI stores what .to returns; the tensors follow q at call time

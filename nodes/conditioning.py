@@ -13,6 +13,8 @@ Built as the original pipelines do (``pipline_StableDiffusion_ConsistentID.py`` 
 * the marked tokens are fused with their regions' features by the adapter's FacialEncoder;
 * delayed subject conditioning (``start_merge_step``) becomes two conditioning entries: text only on
   ``[0, merge_at)``, fused on ``[merge_at, 1]``;
+* every entry is tagged with its role (``id_attention.ROLE_KEY``: positive / negative), so the ID
+  branch gives the identity to the positive whatever position a guider puts it in;
 * the negative is the negative text fused with the **unconditional** region features at the
   positive prompt's facial positions. SD1.5: that fused negative for the whole range (the original's
   uncond never switches). SDXL: the plain negative before ``merge_at`` and the fused one after.
@@ -32,10 +34,13 @@ from typing import Any
 import torch
 
 from consistentid_core import ConsistentIDAdapter, ModelMismatch
+from consistentid_core.attention import NEGATIVE, POSITIVE
 from consistentid_core.base_models import BASE_MODELS, BaseModelSpec, base_model_spec, spec_for_text_encoders
 from consistentid_core.face.labels import FACIAL_PART_LABELS
 from consistentid_core.face_features import FaceFeatures
 from consistentid_core.prompt import MAX_FACIAL_SLOTS, build_facial_prompt, encode_plain_text, strip_user_markers
+
+from .id_attention import ROLE_KEY
 
 CLIP_G_PAD = 0  # SDXL's second tokenizer pads with "!" (id 0); ComfyUI's CLIP-G tokenizer does too
 FACIAL_PARTS = tuple(FACIAL_PART_LABELS)  # face, eyes, ears, nose, mouth
@@ -84,10 +89,15 @@ def encode_token_ids(clip: Any, spec: BaseModelSpec, ids: Iterable[int]) -> tupl
     return cond, pooled
 
 
-def _entry(cond: torch.Tensor, pooled: torch.Tensor | None, start: float, end: float) -> list | None:
-    if end <= start:
-        return None
-    return [cond, {"pooled_output": pooled, "start_percent": start, "end_percent": end}]
+def _entry(cond: torch.Tensor, pooled: torch.Tensor | None, role: str, span: tuple[float, float] | None = None) -> list | None:
+    """One conditioning entry (on ``span`` of the denoising, or all of it), tagged with its role."""
+    options = {"pooled_output": pooled, ROLE_KEY: role}
+    if span is not None:
+        start, end = span
+        if end <= start:
+            return None
+        options.update(start_percent=start, end_percent=end)
+    return [cond, options]
 
 
 def _conditioning(*entries: list | None) -> list:
@@ -127,7 +137,7 @@ def encode_conditioning(
     if face.is_empty:  # skip policy and no face anywhere: plain text, no facial fusion
         plain_ids = encode_plain_text(strip_user_markers(text), tokenizer)
         text_cond, text_pooled = encode_token_ids(clip, spec, plain_ids)
-        return [[text_cond, {"pooled_output": text_pooled}]], [[negative_cond, {"pooled_output": negative_pooled}]]
+        return [_entry(text_cond, text_pooled, POSITIVE)], [_entry(negative_cond, negative_pooled, NEGATIVE)]
 
     allowed = set(FACIAL_PARTS if parts is None else parts)
     unknown = allowed - set(FACIAL_PARTS)
@@ -158,14 +168,14 @@ def encode_conditioning(
     fused_negative = fused_negative.to(negative_cond.device)
 
     positive = _conditioning(
-        _entry(text_cond, text_pooled, 0.0, merge_at),
-        _entry(fused, facial_pooled, merge_at, 1.0),
+        _entry(text_cond, text_pooled, POSITIVE, (0.0, merge_at)),
+        _entry(fused, facial_pooled, POSITIVE, (merge_at, 1.0)),
     )
     if spec.negative_switches_at_merge:
         negative = _conditioning(
-            _entry(negative_cond, negative_pooled, 0.0, merge_at),
-            _entry(fused_negative, negative_pooled, merge_at, 1.0),
+            _entry(negative_cond, negative_pooled, NEGATIVE, (0.0, merge_at)),
+            _entry(fused_negative, negative_pooled, NEGATIVE, (merge_at, 1.0)),
         )
     else:
-        negative = [[fused_negative, {"pooled_output": negative_pooled}]]
+        negative = [_entry(fused_negative, negative_pooled, NEGATIVE)]
     return positive, negative

@@ -9,7 +9,13 @@ unpatches everything:
   (``id_attention.IDAttentionPatch``), keyed exactly by the adapter's processor slots.
 
 Several calls on the same model compose: each adds its identity's branch to the layers' patches
-(two people with masks), and the LoRA of one adapter file is merged only once per model.
+(two people with masks), and the LoRA of one adapter file is merged only once per model (a second
+call asking for another strength of it is refused). Other extensions' attn2 patches compose in
+either order and at either key depth: ``id_attention`` hosts the Attn2Replace protocol of
+IPAdapter_plus, InstantID and PuLID, and besides each layer's three-part key (which ComfyUI looks up
+first) every block gets a ``BlockEntry`` under its two-part key, where such extensions look on SD1.5.
+A ``calc_cond_batch`` wrapper gives every layer the roles, areas, sigma and model sampling of the
+sampler call (``id_attention.CallContext``).
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ import uuid
 import torch
 
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.weight_adapter
 
 from consistentid_core import ConsistentIDAdapter, ModelMismatch
 from consistentid_core.base_models import release_files_hint
 
-from .id_attention import IDAttentionPatch, IdentityBranch
+from .id_attention import BlockEntry, IDAttentionPatch, IdentityBranch, SigmaWindow, calc_cond_batch_wrapper
 
 logger = logging.getLogger(__name__)
 
 LORA_SOURCE_ATTRIBUTE = "consistentid_source"
+WRAPPER_KEY = "consistentid"
 
 ADAPTER_ID_ATTRIBUTE = "consistentid_id"
 
@@ -76,23 +84,49 @@ def check_model(model_patcher: comfy.model_patcher.ModelPatcher, adapter: Consis
         )
 
 
-def _has_lora_of(model_patcher: comfy.model_patcher.ModelPatcher, key: str, source: str) -> bool:
-    return any(getattr(patch[1], LORA_SOURCE_ATTRIBUTE, None) == source for patch in model_patcher.patches.get(key, []))
+def _merged_strength(model_patcher: comfy.model_patcher.ModelPatcher, key: str, source: str) -> float | None:
+    """The strength this adapter's LoRA is already merged with on ``key``, None if it is not."""
+    for patch in model_patcher.patches.get(key, []):
+        if getattr(patch[1], LORA_SOURCE_ATTRIBUTE, None) == source:
+            return float(patch[0])
+    return None
+
+
+def _offloaded(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ComfyUI's offload device: a view when it is there already, else a copy.
+
+    Never a view of the adapter's accelerator memory, which would stay allocated after ComfyUI
+    offloads the adapter; ComfyUI casts patches to the weight's device and dtype when patching.
+    """
+    tensor = tensor.detach()
+    return tensor if tensor.device == torch.device(device) else tensor.to(device=device, copy=True)
 
 
 def merge_lora(model_patcher: comfy.model_patcher.ModelPatcher, adapter: ConsistentIDAdapter, strength: float) -> None:
-    """Add the adapter's LoRA deltas as weight patches (in place on ``model_patcher``, a clone)."""
+    """Add the adapter's LoRA deltas as weight patches (in place on ``model_patcher``, a clone).
+
+    One adapter's LoRA is merged once per model: a second call with the same strength adds
+    nothing, one with another strength raises ValueError (two identities of one adapter share its
+    LoRA, so there is no right answer); strength 0 adds nothing.
+    """
     if strength == 0.0:
         return
     source = adapter_id(adapter)
     pairs = list(adapter.lora_pairs())
-    if _has_lora_of(model_patcher, pairs[0][0], source):
-        logger.info("ConsistentID: this model already carries this adapter's LoRA; merging it only once.")
+    merged = _merged_strength(model_patcher, pairs[0][0], source)
+    if merged is not None:
+        if abs(merged - strength) > 1e-9:
+            raise ValueError(
+                f"this MODEL already carries this ConsistentID model's LoRA at lora_strength {merged:g} "
+                f"(an earlier Apply ConsistentID); identities of one ConsistentID model share its LoRA, so give "
+                f"every Apply the same lora_strength, or 0 on the later ones"
+            )
         return
+    offload = model_patcher.offload_device
     patches = {}
     for key, pair in pairs:
         lora = comfy.weight_adapter.LoRAAdapter(
-            set(), (pair.up.weight.detach(), pair.down.weight.detach(), None, None, None, None)
+            set(), (_offloaded(pair.up.weight, offload), _offloaded(pair.down.weight, offload), None, None, None, None)
         )
         setattr(lora, LORA_SOURCE_ATTRIBUTE, source)
         patches[key] = lora
@@ -148,7 +182,8 @@ def patch_model(
     ``id_tokens``/``uncond_id_tokens``: ``(B, T, D)`` (or ``(T, D)``) from ``adapter.id_tokens``;
     B is 1 or the latent batch size. ``weight`` scales the ID branch (the original's ``scale``,
     1.0), ``lora_strength`` the merged LoRA. ``start_at``/``end_at`` (fractions of the denoising)
-    bound the ID branch through ``extra_options["sigmas"]``; a call without sigmas runs it.
+    bound the ID branch; they become sigmas when the sampler runs, under the model sampling in force
+    then (a ModelSampling node after this call counts); a call without sigmas runs the branch.
     ``attn_mask`` (``(H, W)`` or ``(B, H, W)``, any resolution with the image's aspect ratio)
     confines the branch to a region. The input ``model_patcher`` is not modified.
     """
@@ -157,31 +192,45 @@ def patch_model(
         raise ValueError(f"need 0 <= start_at <= end_at <= 1, got start_at={start_at}, end_at={end_at}")
     work = model_patcher.clone()
     merge_lora(work, adapter, lora_strength)
+    _add_call_wrapper(work)
 
-    sampling = work.get_model_object("model_sampling")
-    sigma_start = float(sampling.percent_to_sigma(start_at))
-    sigma_end = float(sampling.percent_to_sigma(end_at))
+    # Resolved when the sampler runs, against the model sampling in force then (SigmaWindow).
+    window = SigmaWindow(start_at, end_at, model_sampling=work.get_model_object("model_sampling"))
     mask = _prepare_mask(attn_mask)
     tokens = _stack_tokens(id_tokens, uncond_id_tokens)
+    layers = list(adapter.cross_attention_layers())
 
     replace = work.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    blocks: dict[tuple[str, int], dict[int, IDAttentionPatch]] = {}
     with torch.no_grad():
-        for slot, layer in adapter.cross_attention_layers():
+        for slot, layer in layers:
             keys, values = layer.id_key_value(tokens.flatten(0, 1).to(adapter.device))
             shape = (2, tokens.shape[1], tokens.shape[2], keys.shape[-1])
             branch = IdentityBranch(
                 keys=keys.reshape(shape).detach(),
                 values=values.reshape(shape).detach(),
                 weight=float(weight),
-                sigma_start=sigma_start,
-                sigma_end=sigma_end,
                 mask=mask,
+                window=window,
             )
             block, number, index = slot.patch_key
             previous = replace.get((block, number, index), replace.get((block, number)))
+            if getattr(previous, "consistentid_block", False):
+                previous = previous.layers.get(index)
             if getattr(previous, "consistentid_patch", False):
                 patch = previous.with_branch(branch)
             else:
                 patch = IDAttentionPatch((branch,), base=previous)
             work.set_model_attn2_replace(patch, block, number, index)
+            blocks.setdefault((block, number), {})[index] = patch
+    for (block, number), layer_patches in blocks.items():
+        # Extensions that key a block (block, number) reach its layers through this entry.
+        work.set_model_attn2_replace(BlockEntry(layer_patches), block, number)
     return work
+
+
+def _add_call_wrapper(work: comfy.model_patcher.ModelPatcher) -> None:
+    """Register the per-model-call wrapper once per model (several Applies share it)."""
+    kind = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
+    if WRAPPER_KEY not in work.wrappers.get(kind, {}):
+        work.add_wrapper_with_key(kind, WRAPPER_KEY, calc_cond_batch_wrapper)

@@ -151,11 +151,19 @@ def test_the_input_model_is_never_modified(api, sd15, adapters, inputs):
 
 
 def test_patch_objects_survive_clone_and_device_moves(api, sd15, adapters):
-    """ComfyUI deep-copies model_options on clone and stores what .to() returns."""
+    """ComfyUI deep-copies model_options on clone and stores what .to() returns.
+
+    The clone's patch is its own object (so another extension's in-place ``add`` stays on the
+    clone) sharing the branches, tensors included; a layer's 2- and 3-part keys stay one object.
+    """
     patched = api.patch_model(sd15, adapters["sd15"], _tokens(1), _tokens(2))
     clone = patched.clone()
+    cloned = clone.model_options["transformer_options"]["patches_replace"]["attn2"]
     for key, patch in patched.model_options["transformer_options"]["patches_replace"]["attn2"].items():
-        assert clone.model_options["transformer_options"]["patches_replace"]["attn2"][key] is patch
+        if len(key) == 2:
+            assert cloned[key].layers[0] is cloned[(*key, 0)]
+            continue
+        assert cloned[key] is not patch and cloned[key].branches is patch.branches
         assert patch.to(torch.device("cpu")) is patch
         assert patch.to(torch.float16) is patch
 

@@ -161,12 +161,20 @@ def test_a_previous_patch_is_wrapped_instead_of_the_text_attention():
     torch.testing.assert_close(out, only_id)
 
 
-def test_patch_objects_move_and_copy_as_themselves():
-    """ComfyUI stores what .to() returns and deep-copies model_options on every clone."""
+def test_patch_objects_move_as_themselves_and_copy_without_copying_tensors():
+    """ComfyUI stores what .to() returns and deep-copies model_options on every clone.
+
+    A copy is a new patch (an ``add`` on a clone must not reach the original) that shares the
+    branches, tensors included; one object under two keys stays one object in the copy.
+    """
     patch = ida.IDAttentionPatch([_branch()], attention=_attention)
     assert patch.to(torch.device("cpu")) is patch
     assert patch.to(torch.bfloat16) is patch
-    assert copy.deepcopy({"p": patch})["p"] is patch
+    copied = copy.deepcopy({"p": patch, "q": patch})
+    assert copied["p"] is copied["q"] and copied["p"] is not patch
+    assert copied["p"].branches is patch.branches
+    q, k, v = _qkv()
+    assert torch.equal(copied["p"](q, k, v, _options()), patch(q, k, v, _options()))
 
     class Movable:
         def to(self, *args):
