@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.fixtures import sampler_calls as calls
+
 ROLE = "consistentid_role"
 
 
@@ -37,41 +39,19 @@ def _tokens(seed: int) -> torch.Tensor:
 
 
 def _cond(seed: int, role: str | None) -> list:
-    options = {} if role is None else {ROLE: role}
-    return [[torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(seed)), options]]
-
-
-class Recorded:
-    """A CALC_COND_BATCH wrapper that keeps each call's outputs (one tensor per conditioning)."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[torch.Tensor | None]] = []
-
-    def __call__(self, executor, model, conds, x_in, timestep, model_options):
-        out = executor(model, conds, x_in, timestep, model_options)
-        self.calls.append([None if o is None else o.clone() for o in out])
-        return out
+    return calls.cond(seed) if role is None else calls.cond(seed, **{ROLE: role})
 
 
 def _patched(api, sd15, adapter, identity: int, uncond: int, wrap=None):
-    import comfy.patcher_extension
-
     model = api.patch_model(sd15, adapter, _tokens(identity), _tokens(uncond), weight=1.0, lora_strength=0.0)
     if wrap is not None:
         model = wrap(model)
-    recorder = Recorded()
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test-record", recorder)
-    return model, recorder
+    return model, calls.record(model)
 
 
 def _sample(guider) -> None:
-    import comfy.samplers
-
     sampling = guider.model_patcher.get_model_object("model_sampling")
-    sigmas = torch.tensor([float(sampling.percent_to_sigma(0.7)), 0.0])
-    latent = torch.zeros(1, 4, 16, 16)
-    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=0)
+    calls.sample_one_step(guider, sampling.percent_to_sigma(0.7))
 
 
 def _check(api, sd15, adapter, make_guider, expected: list[list[str]], wrap=None) -> None:
