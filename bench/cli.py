@@ -100,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         del rig
         comfy.mm.unload_all_models()
         gc.collect()
+        if "step" in wanted and sizes.sdxl_unet is not None:
+            progress("[step] building the SDXL pair")
+            pair = step.SDXLPair.build(comfy, sizes, progress)
+            done([step_tables.sdxl_step_section(pair, progress)])
+            del pair
+            comfy.mm.unload_all_models()
+            gc.collect()
     if "face" in wanted:
         from bench import face
 

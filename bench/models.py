@@ -36,6 +36,27 @@ SD15_UNET = {
 # Same block layout and indices, 32 channels everywhere (the integration tests' tiny SD1.5).
 TINY_SD15_UNET = {**SD15_UNET, "model_channels": 32, "channel_mult": [1, 1, 1, 1], "context_dim": 64}
 
+# ComfyUI's SDXL UNet (model_detection.py SDXL dict) at a reduced width: the full 2.6 B parameters
+# (10 GB in fp32, twice for plain + patched) and a 1024 px step do not fit this benchmark's CPU. The
+# block topology (70 cross-attention layers, 2/10 transformer blocks per level, 2048-d context, 64-d
+# heads) is SDXL's, so the ID branch's share of a step keeps SDXL's layout.
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SDXL_BENCH_CHANNELS = 128
+REDUCED_SDXL_UNET = {**SDXL_UNET, "model_channels": SDXL_BENCH_CHANNELS}
+REDUCED_SDXL_ADAPTER = {"channels": tuple(SDXL_BENCH_CHANNELS * m for m in (1, 2, 4))}
+TINY_SDXL_UNET = {**SDXL_UNET, "model_channels": 64, "channel_mult": [1, 1, 1], "context_dim": 128}
+TINY_SDXL_ADAPTER = {
+    "channels": (64, 64, 64), "cross_attention_dim": 128, "lora_rank": 4, "clip_embedding_dim": 32,
+    "facial_dim": 64, "facial_depth": 2, "id_depth": 2,
+}
+
 # CLIP-ViT-H-14 vision tower (ComfyUI's clip_vision_config_h.json, laion2B-s32B-b79K).
 VIT_H = {
     "hidden_size": 1280, "image_size": 224, "intermediate_size": 5120, "num_attention_heads": 16,
@@ -69,6 +90,9 @@ class Sizes:
     memory_resolution: int
     warmup: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    sdxl_unet: dict[str, Any] | None = None  # the SDXL rows of the step benchmark (None: none)
+    sdxl_adapter: dict[str, Any] = field(default_factory=dict)
+    sdxl_step_rounds: dict[int, int] = field(default_factory=dict)  # px -> timed rounds
 
     @property
     def context_dim(self) -> int:
@@ -82,7 +106,8 @@ class Sizes:
         if rounds is None:
             return self
         return dataclasses.replace(
-            self, step_rounds={px: rounds for px in self.step_rounds}, identity_rounds=rounds, face_rounds=rounds
+            self, step_rounds={px: rounds for px in self.step_rounds}, identity_rounds=rounds, face_rounds=rounds,
+            sdxl_step_rounds={px: rounds for px in self.sdxl_step_rounds},
         )
 
 
@@ -99,6 +124,9 @@ FULL = Sizes(
     identity_rounds=5,
     face_rounds=3,
     memory_resolution=512,
+    sdxl_unet=REDUCED_SDXL_UNET,
+    sdxl_adapter=REDUCED_SDXL_ADAPTER,
+    sdxl_step_rounds={512: 5},
 )
 SMOKE = Sizes(
     name="smoke",
@@ -113,6 +141,9 @@ SMOKE = Sizes(
     identity_rounds=2,
     face_rounds=2,
     memory_resolution=128,
+    sdxl_unet=TINY_SDXL_UNET,
+    sdxl_adapter=TINY_SDXL_ADAPTER,
+    sdxl_step_rounds={128: 2},
 )
 
 _DEFAULT_INIT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm)
@@ -139,15 +170,16 @@ def init_module(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def build_unet(config: dict[str, Any], seed: int = 0, like=None):
-    """An fp32 SD1.5-topology ComfyUI MODEL (``ModelPatcher``): random, or a second model instance that
-    shares ``like``'s weight tensors (no copy; ComfyUI's weight patches replace tensors, never write
-    into them, so patching one instance leaves the other as it was)."""
+def build_unet(config: dict[str, Any], seed: int = 0, like=None, base_model: str = "sd15"):
+    """An fp32 SD1.5- (or SDXL-) topology ComfyUI MODEL (``ModelPatcher``): random, or a second model
+    instance that shares ``like``'s weight tensors (no copy; ComfyUI's weight patches replace tensors,
+    never write into them, so patching one instance leaves the other as it was)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    model_config = comfy.supported_models.SD15(dict(config))
+    config_class = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[base_model]
+    model_config = config_class(dict(config))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     if like is None:
@@ -159,12 +191,13 @@ def build_unet(config: dict[str, Any], seed: int = 0, like=None):
     )
 
 
-def build_adapter(overrides: dict[str, Any], seed: int = 1, dtype: torch.dtype = torch.float32) -> ConsistentIDAdapter:
-    """``ConsistentIDAdapter.create("sd15")`` (release sizes unless overridden) with non-zero LoRA ups,
-    so the LoRA really changes every attention weight (a fresh adapter's ups are zero)."""
+def build_adapter(overrides: dict[str, Any], seed: int = 1, dtype: torch.dtype = torch.float32,
+                  base_model: str = "sd15") -> ConsistentIDAdapter:
+    """``ConsistentIDAdapter.create(base_model)`` (release sizes unless overridden) with non-zero LoRA
+    ups, so the LoRA really changes every attention weight (a fresh adapter's ups are zero)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        adapter = ConsistentIDAdapter.create("sd15", **overrides)
+        adapter = ConsistentIDAdapter.create(base_model, **overrides)
         with torch.no_grad():
             for _, layer in zip(adapter.slots, adapter.layers):
                 for target in ("to_q", "to_k", "to_v", "to_out"):

@@ -37,15 +37,18 @@ class Inputs:
     x: torch.Tensor
     sigma: torch.Tensor
     context: torch.Tensor
+    y: torch.Tensor | None = None  # SDXL's pooled-text + size embedding input
 
 
-def make_inputs(px: int, context_dim: int, sigma: float, seed: int = 5) -> Inputs:
+def make_inputs(px: int, context_dim: int, sigma: float, seed: int = 5, adm_channels: int | None = None) -> Inputs:
     generator = torch.Generator().manual_seed(seed + px)
     latent = px // 8
+    batch = len(BATCH_CHUNKS)
     return Inputs(
-        x=torch.randn(len(BATCH_CHUNKS), 4, latent, latent, generator=generator),
-        sigma=torch.full((len(BATCH_CHUNKS),), sigma),
-        context=torch.randn(len(BATCH_CHUNKS), 77, context_dim, generator=generator),
+        x=torch.randn(batch, 4, latent, latent, generator=generator),
+        sigma=torch.full((batch,), sigma),
+        context=torch.randn(batch, 77, context_dim, generator=generator),
+        y=None if adm_channels is None else torch.randn(batch, adm_channels, generator=generator),
     )
 
 
@@ -62,9 +65,54 @@ def step_options(patcher, inputs: Inputs, replace: dict | None = None) -> dict:
 
 
 def forward(patcher, inputs: Inputs, replace: dict | None = None) -> torch.Tensor:
+    extra = {} if inputs.y is None else {"y": inputs.y}
     with torch.inference_mode():
         return patcher.model.apply_model(
-            inputs.x, inputs.sigma, c_crossattn=inputs.context, transformer_options=step_options(patcher, inputs, replace)
+            inputs.x, inputs.sigma, c_crossattn=inputs.context, transformer_options=step_options(patcher, inputs, replace),
+            **extra,
+        )
+
+
+@dataclass
+class SDXLPair:
+    """Plain and patched SDXL-topology UNets (separate instances, shared weights): the SDXL step rows."""
+
+    sizes: Sizes
+    patchers: dict[str, Any]
+    sigma: float
+    shares: dict[int, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, comfy, sizes: Sizes, progress: Callable[[str], None] = print) -> "SDXLPair":
+        patch = comfy.our("patch")
+        started = time.perf_counter()
+        plain = build_unet(sizes.sdxl_unet, seed=0, base_model="sdxl")
+        base_patched = build_unet(sizes.sdxl_unet, like=plain, base_model="sdxl")
+        adapter = build_adapter(sizes.sdxl_adapter, base_model="sdxl")
+        cond, uncond = id_tokens(adapter)
+        patched = patch.patch_model(base_patched, adapter, cond, uncond)
+        comfy.mm.load_models_gpu([patched], force_full_load=True)
+        sigma = float(plain.get_model_object("model_sampling").percent_to_sigma(0.5))
+        pair = cls(sizes, {"plain": plain, "patched": patched}, sigma)
+        out = {name: forward(patcher, pair.inputs(min(sizes.sdxl_step_rounds))) for name, patcher in pair.patchers.items()}
+        if not torch.isfinite(out["patched"]).all() or torch.equal(out["patched"], out["plain"]):
+            raise RuntimeError("bad SDXL benchmark models: the patched output is not finite or equals the plain one")
+        progress(f"  built the SDXL pair ({sizes.sdxl_unet['model_channels']} channels) in {time.perf_counter() - started:.0f} s")
+        return pair
+
+    def inputs(self, px: int) -> Inputs:
+        return make_inputs(px, int(self.sizes.sdxl_unet["context_dim"]), self.sigma,
+                           adm_channels=int(self.sizes.sdxl_unet["adm_in_channels"]))
+
+    def measure(self, px: int, progress: Callable[[str], None] = print) -> dict[str, list[float]]:
+        inputs = self.inputs(px)
+        calls = {name: (lambda p=patcher: forward(p, inputs)) for name, patcher in self.patchers.items()}
+        rounds = self.sizes.sdxl_step_rounds[px]
+        progress(f"  SDXL {px} px: plain, patched; {self.sizes.warmup} warm-up + {rounds} rounds")
+        self.shares[px] = []
+        return stats.run_interleaved(
+            calls, rounds, self.sizes.warmup, on_round=round_reporter(progress, self.shares[px]),
+            **cpu_share_options(self.shares[px], rounds),
         )
 
 
