@@ -143,3 +143,68 @@ def test_patching_a_clone_never_changes_the_upstream_model(api, models, adapters
     assert _attn2(ours) == entries
     assert all(not getattr(patch, "hosted", []) for patch in entries.values())
     assert torch.equal(_run(ours, "sd15"), before)
+
+
+class _ProtocolNode:
+    """A test node that applies the protocol stand-in, as IPAdapter_plus's Apply node would."""
+
+    recorders: dict[str, protocol.Recorder] = {}
+    keys: list[tuple] = []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "name": ("STRING", {"default": "a"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = "tests"
+
+    def apply(self, model, name):
+        return (protocol.apply(model, self.keys, self.recorders[name]),)
+
+
+def _write_tiny_lora(path, unet) -> str:
+    """A LoRA file in the kohya format ComfyUI's LoraLoader reads, on two attn2 projections."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    generator = torch.Generator().manual_seed(8)
+    for module in ("input_blocks.1.1.transformer_blocks.0.attn2.to_q", "output_blocks.3.1.transformer_blocks.0.attn2.to_v"):
+        weight = unet.get_submodule(module).weight
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{name}.lora_up.weight"] = torch.randn(weight.shape[0], 2, generator=generator) * 0.1
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, weight.shape[1], generator=generator) * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return f"diffusion_model.{module}.weight"
+
+
+def test_real_graph_with_lora_loader_controlnet_and_protocol_patches_on_both_sides(comfy, models, adapters):
+    """LoRA loader → protocol patch → Apply ConsistentID → protocol patch → KSampler with ControlNet."""
+    from tests.fixtures import cid_workflows as wf
+
+    prompt = wf.at_test_size(wf.load_api("sd15_controlnet_pose"))
+    lora_key = _write_tiny_lora(comfy.models_dir / "loras" / "tiny_test_lora.safetensors", models["sd15"].model.diffusion_model)
+    _ProtocolNode.keys = protocol.layer_keys(adapters["sd15"], 2)
+    _ProtocolNode.recorders = {"before": protocol.Recorder(weight=0.5, seed=1), "after": protocol.Recorder(weight=0.5, seed=2)}
+    comfy.nodes.NODE_CLASS_MAPPINGS["TestAttn2Protocol"] = _ProtocolNode
+    try:
+        prompt["30"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "tiny_test_lora.safetensors",
+                                                                "strength_model": 1.0, "strength_clip": 1.0}}
+        prompt["31"] = {"class_type": "TestAttn2Protocol", "inputs": {"model": ["30", 0], "name": "before"}}
+        prompt["32"] = {"class_type": "TestAttn2Protocol", "inputs": {"model": ["8", 0], "name": "after"}}
+        prompt["8"]["inputs"].update(model=["31", 0], clip=["30", 1])
+        prompt["21"]["inputs"]["model"] = ["32", 0]
+        result = comfy.runner.run(prompt)
+    finally:
+        del comfy.nodes.NODE_CLASS_MAPPINGS["TestAttn2Protocol"]
+    assert result.success, result.error
+    assert torch.isfinite(result.output("21")[0][0]["samples"]).all()
+    expected = {(key, 0) for key in _ProtocolNode.keys}
+    for name, recorder in _ProtocolNode.recorders.items():
+        assert set(recorder.calls) == expected, name
+    sampled = result.output("32")[0][0]
+    assert len(sampled.patches[lora_key]) == 2  # the loader's LoRA and ours on the same weight
+    layers = {key: patch for key, patch in _attn2(sampled).items() if len(key) == 3}
+    assert len(layers) == 16 and all(len(patch.branches) == 1 and len(patch.hosted) == 1 for patch in layers.values())
