@@ -196,7 +196,7 @@ class SigmaWindow:
                  sigmas: tuple[float, float] | None = None) -> None:
         self.start_at, self.end_at = float(start_at), float(end_at)
         self.fixed = None if sigmas is None else (float(sigmas[0]), float(sigmas[1]))
-        self._default_sampling = _weak(model_sampling)
+        self._default_sampling = model_sampling  # for calls outside a sampler (small: a schedule table)
         self._bounds: tuple[Any, tuple[float, float]] | None = None
         self._memo: tuple[Any, bool] | None = None
 
@@ -211,7 +211,7 @@ class SigmaWindow:
         if self.fixed is not None:
             return self.fixed
         if model_sampling is None:
-            model_sampling = self._default_sampling() if self._default_sampling is not None else None
+            model_sampling = self._default_sampling
         if model_sampling is None:
             return float("inf"), 0.0
         if self._bounds is None or self._bounds[0]() is not model_sampling:

@@ -213,3 +213,88 @@ def test_batch_must_split_into_chunks():
     q, k, v = _qkv(batch=3)
     with pytest.raises(ValueError, match="chunks"):
         patch(q, k, v, _options())
+
+
+class _LinearSampling:
+    """percent → sigma, linear from ``top`` to 0 (a stand-in for ComfyUI's model sampling)."""
+
+    def __init__(self, top: float) -> None:
+        self.top = top
+
+    def percent_to_sigma(self, percent: float) -> float:
+        return self.top * (1.0 - percent)
+
+
+def _count_item_calls(monkeypatch) -> list:
+    reads = []
+    original = torch.Tensor.item
+
+    def item(self):
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    return reads
+
+
+def test_the_sigma_is_read_once_per_model_call_for_every_layer(monkeypatch):
+    """One window per Apply, shared by its layers: one device read per model call, not per layer."""
+    window = ida.SigmaWindow(0.5, 1.0, model_sampling=_LinearSampling(10.0))
+    patches = [ida.IDAttentionPatch([_branch(seed, window=window)], attention=_attention) for seed in range(6)]
+    q, k, v = _qkv()
+    reads = _count_item_calls(monkeypatch)
+    for sigma, active in ((8.0, False), (3.0, True)):
+        options = _options(sigmas=torch.tensor([sigma]))
+        before = len(reads)
+        outs = [patch(q, k, v, options) for patch in patches]
+        assert len(reads) - before == 1
+        assert all(not torch.equal(out, attention(q, k, v, HEADS)) for out in outs) == active
+
+
+def test_with_a_call_context_two_identities_share_one_read(monkeypatch):
+    first = ida.SigmaWindow(0.5, 1.0, model_sampling=_LinearSampling(10.0))
+    second = ida.SigmaWindow(0.0, 0.5, model_sampling=_LinearSampling(10.0))
+    patch = ida.IDAttentionPatch([_branch(1, window=first), _branch(2, window=second)], attention=_attention)
+    q, k, v = _qkv()
+    sigmas = torch.tensor([3.0, 3.0])
+    context = ida.CallContext(timestep=sigmas, model_sampling=_LinearSampling(10.0))
+    reads = _count_item_calls(monkeypatch)
+    for _ in range(4):
+        patch(q, k, v, _options(sigmas=sigmas, **{ida.CALL_KEY: context}))
+    assert len(reads) == 1
+
+
+def test_the_window_is_resolved_against_the_sampling_in_force():
+    """start_at 0.5 is sigma 5 under the Apply-time sampling but 50 under the sampler's: sigma 20 is on."""
+    window = ida.SigmaWindow(0.5, 1.0, model_sampling=_LinearSampling(10.0))
+    patch = ida.IDAttentionPatch([_branch(window=window)], attention=_attention)
+    q, k, v = _qkv()
+    sigmas = torch.tensor([20.0])
+    text = attention(q, k, v, HEADS)
+    assert torch.equal(patch(q, k, v, _options(sigmas=sigmas)), text)
+    context = ida.CallContext(timestep=torch.tensor([20.0]), model_sampling=_LinearSampling(100.0))
+    assert not torch.equal(patch(q, k, v, _options(sigmas=torch.tensor([20.0]), **{ida.CALL_KEY: context})), text)
+
+
+def test_batch_keys_and_masks_are_built_once_per_layout():
+    """The per-chunk K/V (and masks) are cached: later calls copy nothing to the device."""
+    branch = _branch(mask=torch.ones(1, 4, 6))
+    patch = ida.IDAttentionPatch([branch], attention=_attention)
+    q, k, v = _qkv(length=24)
+    options = _options(activations_shape=[4, WIDTH, 4, 6])
+    patch(q, k, v, options)
+    cached = {key: value for key, value in branch._cache.items()}
+    patch(q, k, v, options)
+    assert branch._cache.keys() == cached.keys() and all(branch._cache[key] is cached[key] for key in cached)
+
+
+def test_roles_override_positions_and_untagged_inputs_next_to_ours_get_the_uncond_tokens():
+    from consistentid_core.attention import chunk_rows, input_roles
+
+    # DualCFGGuider: [negative, middle, positive]; PerpNeg: [positive, negative, empty]
+    assert input_roles([["negative"], [None], ["positive"]]) == [["negative"], ["negative"], ["positive"]]
+    assert chunk_rows([0, 1, 2], ["negative", "negative", "positive"]) == (ida.UNCOND, ida.UNCOND, ida.COND)
+    assert input_roles([["positive", None], ["negative"]]) == [["positive", "positive"], ["negative"]]
+    assert input_roles([[None], [None, None]]) == [[None], [None, None]]
+    assert chunk_rows([0, 1, 2], None) == (ida.COND, ida.UNCOND, ida.COND)  # today's position rule
+    assert chunk_rows(None) == (ida.COND,)
