@@ -20,7 +20,6 @@ sampler call (``id_attention.CallContext``).
 
 from __future__ import annotations
 
-import logging
 import uuid
 
 import torch
@@ -33,8 +32,6 @@ from consistentid_core import ConsistentIDAdapter, ModelMismatch
 from consistentid_core.base_models import release_files_hint
 
 from .id_attention import BlockEntry, IDAttentionPatch, IdentityBranch, SigmaWindow, calc_cond_batch_wrapper
-
-logger = logging.getLogger(__name__)
 
 LORA_SOURCE_ATTRIBUTE = "consistentid_source"
 WRAPPER_KEY = "consistentid"

@@ -10,7 +10,8 @@ both, so here:
   because the release LoRA has no alpha;
 * each attn2 layer gets a replace patch, registered under ``adapter.slots[i].patch_key`` as in the
   nodes, that projects the current step's ID tokens with the live ``to_k_ip``/``to_v_ip`` and calls
-  :func:`consistentid_core.attention.decoupled_cross_attention`;
+  :func:`consistentid_core.attention.decoupled_cross_attention` (the one-identity form of
+  ``add_identities``, the ID branch the nodes and the benchmark use too);
 * on the localization layers the patch also returns the text-attention probabilities of the facial
   tokens, and keeps them (with the layer's latent size) for the loss.
 
