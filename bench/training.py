@@ -43,7 +43,7 @@ SPECS = {  # per Sizes.name: models, resolution, batch, rounds
              "resolution": 512, "batch": 1, "rounds": 2, "portraits": 4},
     "smoke": {"unet": TINY_SD15_UNET, "vae": TINY_VAE, "clip_l": TINY_CLIP_L, "vit": TINY_VIT,
               "adapter": {"facial_dim": 64, "facial_depth": 2, "id_depth": 2}, "lora_rank": 4,
-              "resolution": 128, "batch": 2, "rounds": 2, "portraits": 8},
+              "resolution": 128, "batch": 1, "rounds": 1, "portraits": 4},
 }
 VARIANTS = ("on the fly", "cached")
 
