@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if "scaling" in wanted:
             done([step_tables.resolution_section(rig, progress), step_tables.identity_section(rig, progress)])
         del rig
-        comfy.mm.unload_all_models()
+        comfy.model_management.unload_all_models()
         gc.collect()
         if "step" in wanted and sizes.sdxl_unet is not None:
             progress("[step] building the SDXL pair")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         progress("[training] building models and the feature cache")
         done(training.run(comfy, sizes, progress))
-        comfy.mm.unload_all_models()
+        comfy.model_management.unload_all_models()
         gc.collect()
     if "memory" in wanted:
         from bench import memory

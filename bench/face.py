@@ -143,9 +143,16 @@ class FaceRig:
 
     def graph_runs(self, progress: Callable[[str], None]) -> list[dict]:
         """The Encode Face graph twice through ComfyUI's executor: the second is served from its cache."""
-        from bench.comfy_env import Executor
+        from bench.comfy_env import HeadlessExecutor
 
-        executor = Executor(self.comfy)
+        executor = HeadlessExecutor(self.comfy)
+
+        def run_graph():
+            run = executor.run(prompt, ["sink"])
+            if not run.success:
+                raise RuntimeError(f"prompt failed: {(run.error or {}).get('exception_message')}")
+            return run
+
         prompt = encode_face_prompt(self.comfy, {
             "image": ("IMAGE", self.image), "face_analysis": ("FACE_ANALYSIS", self.analyzer),
             "face_parser": ("FACE_PARSER", self.parser), "clip_vision": ("CLIP_VISION", self.clip_vision),
@@ -153,9 +160,9 @@ class FaceRig:
         })
         runs = []
         for attempt in range(2):
-            events, work, wall = self.counter.measure(lambda: executor.run(prompt, ["sink"]))
+            events, work, wall = self.counter.measure(run_graph)
             runs.append({"wall_s": wall, "clip_calls": work.calls, "clip_images": work.images,
-                         "encode_executed": "encode" in events["executed"], "cached_nodes": events["cached"]})
+                         "encode_executed": "encode" in events.executed, "cached_nodes": events.cached})
             progress(f"  graph run {attempt + 1}: {wall:.2f} s, CLIP calls {work.calls}, Encode Face "
                      f"{'executed' if runs[-1]['encode_executed'] else 'served from cache'}")
         return runs
@@ -166,7 +173,7 @@ class FaceRig:
         encode = comfy.our("face_node").EncodeFace.execute
 
         def clip(pixels: torch.Tensor) -> torch.Tensor:  # the original's image_encoder(...).hidden_states[-2]
-            comfy.mm.load_model_gpu(clip_vision.patcher)
+            comfy.model_management.load_model_gpu(clip_vision.patcher)
             return clip_vision.model(pixel_values=pixels.float(), intermediate_output=-2)[1].float()
 
         return {

@@ -69,7 +69,7 @@ def worker(argv: list[str] | None = None) -> dict:
     phases["unet"] = rss_bytes()
     if adapter is not None:
         model = comfy.our("patch").patch_model(model, adapter, cond, uncond)
-        comfy.mm.load_models_gpu([model], force_full_load=True)
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
         phases["patched"] = rss_bytes()
         result["backup_bytes"] = sum(b.weight.numel() * b.weight.element_size() for b in model.backup.values())
     result["unet_bytes"] = module_bytes(model.model.diffusion_model)

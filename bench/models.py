@@ -9,7 +9,6 @@ would distort them, and the unmerged-vs-merged check needs well-scaled activatio
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,6 @@ from torch import nn
 
 from consistentid_core import ConsistentIDAdapter
 
-REPO = Path(__file__).resolve().parents[1]
-INSIGHTFACE_FIXTURE = REPO / "tests" / "fixtures" / "insightface_tiny.py"
 
 # ComfyUI's SD15 UNet (model_detection.py SD15 dict, supported_models.SD15 extras).
 SD15_UNET = {
@@ -259,8 +256,7 @@ def build_face_analyzer(folder: Path):
     here): real detector/recogniser signatures, far smaller networks."""
     from consistentid_core.face import FaceAnalyzer
 
-    spec = importlib.util.spec_from_file_location("consistentid_bench_insightface_tiny", INSIGHTFACE_FIXTURE)
-    fixture = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixture)
-    fixture.make_tiny_insightface_pack(folder, "buffalo_l")
+    from consistentid_cli.selftest.tiny_insightface import make_tiny_insightface_pack
+
+    make_tiny_insightface_pack(folder, "buffalo_l")
     return FaceAnalyzer.load(folder, "buffalo_l")

@@ -191,7 +191,7 @@ class StepRig:
         probe_key = next(key for key, _ in adapter.lora_pairs())
         pristine = plain.model.get_parameter(probe_key).detach().clone()
         patched = patch.patch_model(base_patched, adapter, cond, uncond)
-        comfy.mm.load_models_gpu([patched], force_full_load=True)  # merges the LoRA into instance 2, once
+        comfy.model_management.load_models_gpu([patched], force_full_load=True)  # merges the LoRA into instance 2, once
         if not torch.equal(plain.model.get_parameter(probe_key), pristine):
             raise RuntimeError("merging the LoRA into the patched instance changed the plain instance's weights")
         apply_runtime_lora(base_unmerged.model.diffusion_model, adapter)

@@ -1,6 +1,6 @@
 """``python -m consistentid_cli run``: an API-format workflow through ComfyUI's executor, no web server.
 
-ComfyUI is imported from its checkout (``--comfyui``) by :mod:`consistentid_cli.comfy_boot`. Progress
+ComfyUI is imported from its checkout (``--comfyui``) by :func:`consistentid_cli.comfy_boot.boot_comfyui`. Progress
 comes from ComfyUI's global progress-bar hook;
 images (SaveImage and PreviewImage) are written to ``--out``. A failing node is reported as one
 message (node id, class, exception), not a traceback; the exit code is then 1.
@@ -15,18 +15,17 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .comfy_boot import bootstrap_comfyui
-from .comfy_paths import default_comfyui_path
+from .comfy_boot import HeadlessServer, boot_comfyui, find_comfyui
 from .workflow import (
     WorkflowError, apply_overrides, describe_node, format_execution_error, format_validation_errors, load_workflow,
     parse_override,
 )
 
-__all__ = ["add_arguments", "main", "bootstrap_comfyui", "run_workflow", "RunResult"]
+__all__ = ["add_arguments", "comfy_argv", "main", "node_input_names", "run_workflow", "RunResult"]
 
 logger = logging.getLogger("consistentid.run")
 EXIT_FAILED = 1
@@ -54,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="ComfyUI's log messages and full tracebacks")
 
 
-def _comfy_argv(args: argparse.Namespace) -> list[str]:
+def comfy_argv(args: argparse.Namespace) -> list[str]:
+    """ComfyUI's own command-line arguments for the runner's options."""
     argv = ["--cpu"] if args.cpu else []
     if args.base_directory:
         argv += ["--base-directory", str(args.base_directory)]
@@ -99,29 +99,13 @@ class _Progress:
             self.bar, self.bar_key = None, None
 
 
-class _Server:
-    """The few attributes PromptExecutor uses of ComfyUI's PromptServer."""
-
-    def __init__(self, on_event: Callable[..., None]) -> None:
-        self.client_id: str | None = None
-        self.last_node_id: str | None = None
-        self.last_prompt_id: str | None = None
-        self.sockets_metadata: dict = {}
-        self._on_event = on_event
-
-    def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
-        self._on_event(event, data, sid)
-
-    def queue_updated(self) -> None:
-        pass
-
-
 class RunResult:
     def __init__(self, ok: bool, errors: list[str], images: list[Path]) -> None:
         self.ok, self.errors, self.images = ok, errors, images
 
 
-def _node_inputs(class_type: str) -> set[str] | None:
+def node_input_names(class_type: str) -> set[str] | None:
+    """The input names of a node class in the booted ComfyUI (None: unknown class)."""
     import nodes
 
     cls = nodes.NODE_CLASS_MAPPINGS.get(class_type)
@@ -153,7 +137,7 @@ def run_workflow(workflow: Mapping[str, dict], out_dir: Path, progress: bool = T
     comfy.utils.set_progress_bar_global_hook(bars.hook)
     samplers_bar = comfy.utils.PROGRESS_BAR_ENABLED
     comfy.utils.set_progress_bar_enabled(False)  # the samplers' own tqdm bars; ours replaces them
-    server = _Server(bars.event)
+    server = HeadlessServer(bars.event)
     try:
         executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
         executor.execute(dict(workflow), prompt_id, {"client_id": "consistentid-cli"}, outputs)
@@ -199,7 +183,8 @@ class _HideExecutorTracebacks(logging.Filter):
         return not (record.levelno >= logging.ERROR and record.module == "execution")
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
+    """Messages to stderr; ComfyUI's INFO lines and node tracebacks only with ``--verbose``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     if not verbose:
@@ -210,15 +195,13 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose)
-    comfyui = args.comfyui or default_comfyui_path()
+    setup_logging(args.verbose)
     try:
-        if comfyui is None:
-            raise WorkflowError("ComfyUI folder unknown: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH")
+        comfyui = find_comfyui(args.comfyui)
         workflow = load_workflow(args.workflow)
         overrides = [parse_override(text) for text in args.overrides]
-        bootstrap_comfyui(Path(comfyui), _comfy_argv(args), args.custom_nodes)
-        workflow = apply_overrides(workflow, overrides, _node_inputs)
+        boot_comfyui(comfyui, comfy_argv(args), custom_nodes=args.custom_nodes, quiet=not args.verbose)
+        workflow = apply_overrides(workflow, overrides, node_input_names)
     except WorkflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

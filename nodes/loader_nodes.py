@@ -14,7 +14,7 @@ from consistentid_core.base_models import release_files_hint
 from consistentid_core.face import FaceAnalyzer, FaceParser
 
 from . import folders
-from .runtime import USER_ERRORS, LoadedConsistentID, adapter_dtype, user_error
+from .runtime import USER_ERRORS, LoadedConsistentID, NodeError, adapter_dtype, user_error
 from .types import CATEGORY, ConsistentIDModel, FaceParserType
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,13 @@ class LoadInsightFace(io.ComfyNode):
 
     @classmethod
     def execute(cls, name: str, provider: str = "auto", det_size: int = 640) -> io.NodeOutput:
-        import onnxruntime
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise NodeError(
+                "Load InsightFace: onnxruntime is not installed in ComfyUI's Python; install onnxruntime "
+                "(CPU) or onnxruntime-gpu (NVIDIA GPU), not both."
+            ) from error
 
         if provider == "auto":
             available = onnxruntime.get_available_providers()

@@ -39,15 +39,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 # ----------------------------------------------------------------------------------------- generate
 def generate(args: argparse.Namespace) -> Path:
-    from consistentid_cli.runner import _comfy_argv, _node_inputs, bootstrap_comfyui, run_workflow
+    from consistentid_cli.comfy_boot import boot_comfyui
+    from consistentid_cli.runner import comfy_argv, node_input_names, run_workflow
     from consistentid_cli.workflow import apply_overrides, load_workflow, parse_override
 
-    bootstrap_comfyui(Path(args.comfyui), _comfy_argv(args), False)
+    boot_comfyui(args.comfyui, comfy_argv(args))
     import folder_paths
 
     adapter = Path(args.adapter).resolve()
     folder_paths.add_model_folder_path("consistentid", str(adapter.parent))
-    workflow = apply_overrides(load_workflow(args.workflow), [parse_override(t) for t in args.set], _node_inputs)
+    workflow = apply_overrides(load_workflow(args.workflow), [parse_override(t) for t in args.set], node_input_names)
     references = sorted(p for p in Path(args.identities).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     out = Path(args.out)
@@ -61,7 +62,7 @@ def generate(args: argparse.Namespace) -> Path:
                     parse_override(f"{args.seed_input}={seed}"),
                     parse_override(f"{args.model_input}={adapter.name}"),
                 ]
-                result = run_workflow(apply_overrides(workflow, overrides, _node_inputs), out / "tmp", progress=not args.quiet)
+                result = run_workflow(apply_overrides(workflow, overrides, node_input_names), out / "tmp", progress=not args.quiet)
                 if not result.ok or not result.images:
                     raise SystemExit(f"{reference.name} / prompt {p_index}: " + "; ".join(result.errors or ["no image saved"]))
                 target = out / "images" / reference.stem / f"p{p_index:02d}_s{seed}.png"

@@ -22,7 +22,7 @@ SECTIONS = {"step", "scaling_resolution", "scaling_identities", "face", "memory"
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    root, reason = cid_harness.find_comfyui()
+    root, reason = cid_harness.comfyui_for_tests()
     if root is None:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("bench") / "smoke.json"

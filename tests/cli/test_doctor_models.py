@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from consistentid_cli.doctor import run_doctor
 from consistentid_cli.report import Level, Report
-from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_insightface import make_tiny_insightface_pack
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 BISENET_LAYOUT = REPO / "tests" / "fixtures" / "bisenet-state-dict.tsv"

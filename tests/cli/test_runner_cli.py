@@ -122,14 +122,14 @@ def test_run_arguments_map_to_comfyui_arguments(tmp_path):
     """--cpu, --base-directory, extra paths and --comfy-arg become ComfyUI's own arguments."""
     args = build_parser().parse_args(["run", "wf.json", "--cpu", "--base-directory", str(tmp_path),
                                       "--extra-model-paths-config", "a.yaml", "--comfy-arg=--fp32-unet", "--set", "3.seed=1"])
-    assert runner._comfy_argv(args) == ["--cpu", "--base-directory", str(tmp_path), "--extra-model-paths-config", "a.yaml", "--fp32-unet"]
+    assert runner.comfy_argv(args) == ["--cpu", "--base-directory", str(tmp_path), "--extra-model-paths-config", "a.yaml", "--fp32-unet"]
     assert args.overrides == ["3.seed=1"] and args.out == Path("output")
 
 
 def test_run_without_comfyui_is_a_usage_error(tmp_path, monkeypatch, capsys):
     """No --comfyui and no COMFYUI_PATH: exit code 2 and a message on how to point at ComfyUI."""
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.setattr(runner, "default_comfyui_path", lambda: None)
+    monkeypatch.setattr(comfy_boot, "default_comfyui_path", lambda: None)
     assert main(["run", str(tmp_path / "wf.json")]) == runner.EXIT_USAGE
     assert "pass --comfyui" in capsys.readouterr().err
 
@@ -147,7 +147,7 @@ def test_comfyui_goes_first_and_our_root_last_on_sys_path(tmp_path, monkeypatch)
     ours = str(comfy_boot.PACKAGE_ROOT)
     monkeypatch.setattr(sys, "path", ["", ours, "/site-packages", str(tmp_path)])
     monkeypatch.chdir(comfy_boot.PACKAGE_ROOT)
-    comfy_boot._front_of_path(tmp_path)
+    comfy_boot.put_comfyui_first(tmp_path)
     assert sys.path == [str(tmp_path), "/site-packages", ours]
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from consistentid_core import CheckpointFormatError, ConsistentIDAdapter, MissingModelError
 from consistentid_core.checkpoint import SD15, SDXL, processor_slots
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

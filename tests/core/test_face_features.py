@@ -18,8 +18,8 @@ from consistentid_core.face import (
     FaceAnalyzer, FaceParser, clip_pixel_values, facial_regions, masked_region_image, uncond_pixel_values,
 )
 from consistentid_core.face_features import FACE_MASK_LABELS, extract_face_features, face_id_tokens, face_mask
-from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_insightface import make_tiny_insightface_pack
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
 CLIP_WIDTH = 32  # the tiny adapter's CLIP width
 FULL_PARTS = {1: (100, 420, 120, 400), 4: (200, 230, 180, 230), 5: (200, 230, 280, 330), 7: (220, 300, 100, 120),

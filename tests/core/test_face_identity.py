@@ -13,7 +13,7 @@ import skimage.data
 
 from consistentid_core.errors import FaceIndexError, MissingModelError, NoFaceDetected
 from consistentid_core.face import FaceAnalyzer, largest_first, load_face_analysis, select_providers
-from tests.fixtures.insightface_tiny import DETECTOR_FILE, RECOGNISER_FILE, make_tiny_insightface_pack
+from consistentid_cli.selftest.tiny_insightface import DETECTOR_FILE, RECOGNISER_FILE, make_tiny_insightface_pack
 
 # Tests that call InsightFace directly see its scikit-image deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
@@ -215,7 +215,7 @@ def test_only_unavailable_providers_still_give_cpu(monkeypatch):
 
 def test_tiny_pack_is_deterministic(tmp_path):
     """Two exports of the tiny models give identical files (no randomness leaks into tests)."""
-    from tests.fixtures import insightface_tiny
+    from consistentid_cli.selftest import tiny_insightface
 
-    assert insightface_tiny._detector_bytes.__wrapped__() == insightface_tiny._detector_bytes()
-    assert insightface_tiny._recogniser_bytes.__wrapped__() == insightface_tiny._recogniser_bytes()
+    assert tiny_insightface.detector_onnx_bytes.__wrapped__() == tiny_insightface.detector_onnx_bytes()
+    assert tiny_insightface.recogniser_onnx_bytes.__wrapped__() == tiny_insightface.recogniser_onnx_bytes()

@@ -15,7 +15,7 @@ from consistentid_core.face_store import (
     FacePathError, StoredFace, adapter_face_dims, check_compatible, image_sha256, is_face_file, load_face, next_free_path,
     resolve_in, save_face,
 )
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
 TOKENS, WIDTH = 5, 32  # tiny CLIP vision: 5 tokens of width 32 (the tiny adapter's CLIP width)
 

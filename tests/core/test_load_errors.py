@@ -24,8 +24,8 @@ from consistentid_core.data.sample import load_id_embedding
 from consistentid_core.data.schema import DatasetFormatError, FGIDRecord
 from consistentid_core.face import FaceAnalyzer, FaceParser
 from consistentid_core.face_store import load_face
-from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_insightface import make_tiny_insightface_pack
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 from tests.fixtures.tiny_vlm import build_tiny_vlm
 
 MAX_MESSAGE_CHARS = 400

@@ -13,7 +13,7 @@ from consistentid_core.losses import (
     localization_slots,
     masked_noise_mse,
 )
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
 
 def _naive_layer_loss(probs, masks, valid, size):

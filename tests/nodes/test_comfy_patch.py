@@ -22,7 +22,7 @@ def sd15(comfy):
 
 @pytest.fixture(scope="module")
 def adapters():
-    from tests.fixtures.tiny_adapter import make_tiny_adapter
+    from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
     return {"sd15": make_tiny_adapter("sd15", seed=5), "sd15_other": make_tiny_adapter("sd15", seed=6),
             "sdxl": make_tiny_adapter("sdxl", seed=7)}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.cid_harness import REPO, find_comfyui
+from tests.fixtures.cid_harness import REPO, comfyui_for_tests
 
-COMFYUI_ROOT, SKIP_REASON = find_comfyui()
+COMFYUI_ROOT, SKIP_REASON = comfyui_for_tests()
 pytestmark = pytest.mark.skipif(COMFYUI_ROOT is None, reason=SKIP_REASON)
 
 SCRIPT = textwrap.dedent(

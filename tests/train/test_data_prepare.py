@@ -14,7 +14,7 @@ from PIL import Image
 
 from consistentid_core.data import DataRoots, FGIDDataset, SampleOptions, read_fgid
 from tests.fixtures.clip_tokenizer import clip_tokenizer
-from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
+from consistentid_cli.selftest.tiny_insightface import make_tiny_insightface_pack
 from train import prepare
 from train.synthetic import write_synthetic_set
 

@@ -178,7 +178,7 @@ def test_fine_tuning_starts_from_a_release_file_and_refuses_one_for_another_base
 
 def test_training_patch_computes_what_the_nodes_inference_patch_computes(comfy):
     """Same adapter, same tokens: trainable LoRA wrappers + live K/V == merged LoRA + precomputed K/V."""
-    from tests.fixtures.tiny_adapter import make_tiny_adapter
+    from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
     mm, comfy_sd = importlib.import_module("comfy.model_management"), importlib.import_module("comfy.sd")
 

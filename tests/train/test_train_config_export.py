@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from consistentid_core import CheckpointFormatError, ConsistentIDAdapter
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 from train.checkpointing import STATE_FILE, find_checkpoint, list_checkpoints
 from train.config import ConfigError, describe_defaults, load_config
 from train.export import export, release_state_dicts

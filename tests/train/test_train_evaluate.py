@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.fixtures.clip_tokenizer import clip_tokenizer
-from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
+from consistentid_cli.selftest.tiny_insightface import make_tiny_insightface_pack
 from train import evaluate
 from train.metrics import frechet_distance
 from train.synthetic import write_synthetic_set

@@ -10,8 +10,8 @@
   (√ᾱ·x₀ + √(1-ᾱ)·ε, which is ComfyUI's ``calculate_input`` of ``x₀ + σε``) at integer timesteps, and
   returns ε directly: the original's ``unet(noisy_latents, timesteps, embeds)``.
 
-ComfyUI is imported from ``model.comfyui_path``/``COMFYUI_PATH`` with its root first on ``sys.path``
-(our ``nodes/`` folder must never shadow ComfyUI's ``nodes.py``; the trainer imports no ``nodes``).
+ComfyUI is imported from ``model.comfyui_path``/``COMFYUI_PATH`` by ``consistentid_cli.comfy_boot``
+(its root first on ``sys.path``; the trainer loads neither the extra nodes nor our package).
 Everything is built outside ComfyUI's executor, so no weight is an inference tensor (the pitfall of
 training inside a node) and the frozen weights need no copies.
 """
@@ -21,12 +21,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from consistentid_cli.comfy_boot import boot_comfyui
 from consistentid_core import ModelMismatch
 
 from ..attention_patch import PatchPlan
@@ -34,16 +34,6 @@ from ..config import ModelConfig
 from .base import Host, checkpoint_forward
 
 logger = logging.getLogger("train.hosts.comfy")
-
-
-def import_comfy(root: Path, cpu: bool) -> None:
-    if sys.path[0] != str(root):
-        sys.path.insert(0, str(root))
-    from comfy.cli_args import args
-
-    if "comfy.model_management" not in sys.modules:
-        args.cpu = cpu
-    import comfy.model_management  # noqa: F401  (reads args at import)
 
 
 def run_setup_hooks(hooks: list[str], model: ModelConfig) -> None:
@@ -90,7 +80,7 @@ def load_clip_vision(model: ModelConfig) -> Any:
 
 class ComfyHost(Host):
     def __init__(self, model: ModelConfig, root: Path, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool = False) -> None:
-        import_comfy(root, cpu=device.type == "cpu")
+        boot_comfyui(root, ["--cpu"] if device.type == "cpu" else [], extra_nodes=False, load_package=False)
         run_setup_hooks(model.setup_hooks, model)
         import comfy.model_management as mm
         import comfy.model_sampling
