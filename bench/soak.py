@@ -15,17 +15,12 @@ loaders read them), so a run takes seconds; what leaks is independent of the wid
 from __future__ import annotations
 
 import gc
-import importlib.util
-import sys
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
 
 from bench.memory import DTYPES, MiB, rss_bytes
 from bench.report import Section, Target
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGES = ("reference.png", "person_a.png", "person_b.png")
 WEIGHTS = (1.0, 0.8, 1.2, 0.6)
 RUNS, SMOKE_RUNS = 50, 6
@@ -38,27 +33,11 @@ TRACKED = ("ConsistentIDAdapter", "LoadedConsistentID", "EncodedFace", "FaceFeat
            "IdentityBranch", "ModelPatcher", "LoRAAdapter", "Tensor", "Parameter")
 
 
-def _load_by_path(name: str, path: Path) -> ModuleType:
-    """Our test fixtures by file (ComfyUI has its own top-level ``tests`` package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_models(comfy) -> None:
     """The tiny SD1.5/SDXL model files, InsightFace pack and reference photos in ComfyUI's folders."""
-    tiny = _load_by_path("consistentid_soak_tiny_models", REPO / "tests" / "fixtures" / "cid_tiny_models.py")
-    adapters = _load_by_path("consistentid_soak_tiny_adapter", REPO / "tests" / "fixtures" / "tiny_adapter.py")
-    insightface = _load_by_path("consistentid_soak_insightface", REPO / "tests" / "fixtures" / "insightface_tiny.py")
-    models = comfy.base_directory / "models"
-    tiny.build_models_tree(models, {"sd15": adapters.make_tiny_adapter("sd15", seed=1),
-                                    "sdxl": adapters.make_tiny_adapter("sdxl", seed=2)})
-    insightface.make_tiny_insightface_pack(models / "insightface")
-    tiny.write_images(comfy.base_directory / "input")
+    from consistentid_cli.selftest import tiny_comfy_models
+
+    tiny_comfy_models.build_install(comfy.base_directory)
     import folder_paths
 
     folder_paths.filename_list_cache.clear()
@@ -66,8 +45,9 @@ def build_models(comfy) -> None:
 
 def soak_prompt(run: int) -> dict:
     """The SD1.5 portrait graph at test size with this run's image, weight and adapter dtype."""
-    workflows = _load_by_path("consistentid_soak_workflows", REPO / "tests" / "fixtures" / "cid_workflows.py")
-    prompt = workflows.at_test_size(workflows.load_api("sd15_portrait"))
+    from consistentid_cli.selftest.example_workflows import at_small_size, load_api
+
+    prompt = at_small_size(load_api("sd15_portrait"))
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "LoadImage":
@@ -85,10 +65,10 @@ def soak_prompt(run: int) -> dict:
 
 def free_memory(comfy, executor) -> None:
     """What ComfyUI's ``/free`` endpoint asks the prompt worker to do (unload_models + free_memory)."""
-    comfy.mm.unload_all_models()
+    comfy.model_management.unload_all_models()
     executor.executor.reset()
     gc.collect()
-    comfy.mm.soft_empty_cache()
+    comfy.model_management.soft_empty_cache()
 
 
 def live_objects() -> dict[str, int]:
@@ -98,20 +78,21 @@ def live_objects() -> dict[str, int]:
 
 def run(comfy, sizes, progress: Callable[[str], None] = print, runs: int | None = None) -> list[Section]:
     """``runs`` default: 50, or 6 for the smoke sizes (CI keeps the script working)."""
-    from bench.comfy_env import Executor
+    from bench.comfy_env import HeadlessExecutor
 
     runs = runs or (SMOKE_RUNS if sizes.name == "smoke" else RUNS)
     warmup = min(WARMUP, runs - 1)
     progress(f"[soak] building tiny models; {runs} runs of the SD1.5 portrait graph")
     build_models(comfy)
-    executor = Executor(comfy)
+    executor = HeadlessExecutor(comfy)
     gc.collect()
     before = {"run": 0, "rss": rss_bytes(), **live_objects()}  # models written, nothing run yet
     samples = []
     for index in range(runs):
         prompt = soak_prompt(index)
         outputs = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
-        executor.run(prompt, outputs)
+        if not executor.run(prompt, outputs).success:
+            raise RuntimeError(f"soak run {index + 1} failed: {executor.server.messages[-1]}")
         free_memory(comfy, executor)
         samples.append({"run": index + 1, "rss": rss_bytes(), **live_objects()})
         if (index + 1) % 10 == 0 or index == 0:
