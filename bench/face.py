@@ -133,6 +133,11 @@ class FaceRig:
     counter: ClipCounter
     photo: np.ndarray
     image: torch.Tensor
+    loaded: Any = None  # what the CONSISTENTID socket carries (the loader node's output)
+
+    def __post_init__(self) -> None:
+        if self.loaded is None:
+            self.loaded = self.comfy.our("runtime").LoadedConsistentID(self.adapter)
 
     @classmethod
     def build(cls, comfy, sizes: Sizes) -> "FaceRig":
@@ -156,7 +161,7 @@ class FaceRig:
         prompt = encode_face_prompt(self.comfy, {
             "image": ("IMAGE", self.image), "face_analysis": ("FACE_ANALYSIS", self.analyzer),
             "face_parser": ("FACE_PARSER", self.parser), "clip_vision": ("CLIP_VISION", self.clip_vision),
-            "consistentid": ("CONSISTENTID", self.adapter),
+            "consistentid": ("CONSISTENTID", self.loaded),
         })
         runs = []
         for attempt in range(2):
@@ -178,7 +183,7 @@ class FaceRig:
 
         return {
             "ours": lambda: encode(image=self.image, face_analysis=self.analyzer, face_parser=self.parser,
-                                   clip_vision=clip_vision, consistentid=self.adapter),
+                                   clip_vision=clip_vision, consistentid=self.loaded),
             "original": lambda: original_face_features(self.photo, self.analyzer.app, self.parser, clip, self.adapter),
         }
 
