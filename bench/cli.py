@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             pair = step.SDXLPair.build(comfy, sizes, progress)
             done([step_tables.sdxl_step_section(pair, progress)])
             del pair
-            comfy.mm.unload_all_models()
+            comfy.model_management.unload_all_models()
             gc.collect()
     if "face" in wanted:
         from bench import face

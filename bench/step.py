@@ -91,7 +91,7 @@ class SDXLPair:
         adapter = build_adapter(sizes.sdxl_adapter, base_model="sdxl")
         cond, uncond = id_tokens(adapter)
         patched = patch.patch_model(base_patched, adapter, cond, uncond)
-        comfy.mm.load_models_gpu([patched], force_full_load=True)
+        comfy.model_management.load_models_gpu([patched], force_full_load=True)
         sigma = float(plain.get_model_object("model_sampling").percent_to_sigma(0.5))
         pair = cls(sizes, {"plain": plain, "patched": patched}, sigma)
         out = {name: forward(patcher, pair.inputs(min(sizes.sdxl_step_rounds))) for name, patcher in pair.patchers.items()}

@@ -19,8 +19,8 @@ from consistentid_core.face_store import StoredFace, load_face, save_face
 from consistentid_core.prompt import build_facial_prompt
 from consistentid_core.face_features import extract_face_features
 from tests.fixtures.clip_tokenizer import clip_tokenizer
-from tests.fixtures.insightface_tiny import make_tiny_insightface_pack
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_insightface import make_tiny_insightface_pack
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 from tests.core.test_face_features import FULL_PARTS, FakeClip, FakeParser, _labels
 from train.export import export
 

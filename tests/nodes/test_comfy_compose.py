@@ -27,7 +27,7 @@ def models(comfy):
 
 @pytest.fixture(scope="module")
 def adapters():
-    from tests.fixtures.tiny_adapter import make_tiny_adapter
+    from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
     return {"sd15": make_tiny_adapter("sd15", seed=5), "sdxl": make_tiny_adapter("sdxl", seed=7)}
 

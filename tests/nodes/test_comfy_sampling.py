@@ -24,7 +24,7 @@ def sd15(comfy):
 
 @pytest.fixture(scope="module")
 def adapter():
-    from tests.fixtures.tiny_adapter import make_tiny_adapter
+    from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 
     return make_tiny_adapter("sd15", seed=13)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from consistentid_core import CheckpointFormatError, ConsistentIDAdapter
-from tests.fixtures.tiny_adapter import make_tiny_adapter
+from consistentid_cli.selftest.tiny_adapter import make_tiny_adapter
 from tests.fixtures.tiny_ipadapter_faceid import ipadapter_faceid_plus_state, write_ipadapter_faceid_plus
 from train.init_from import init_from_ipadapter_faceid, is_ipadapter_faceid
 
