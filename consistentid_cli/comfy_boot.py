@@ -148,12 +148,11 @@ def _import_comfyui(root: Path, argv: list[str], user_model_paths: bool) -> None
 
 def _our_package(nodes: ModuleType) -> ModuleType:
     """This package as ComfyUI loaded it (loading it first when needed; symlinked installs count)."""
-    if any(Path(path).resolve() == PACKAGE_ROOT for path in nodes.LOADED_MODULE_DIRS.values()):
-        init = PACKAGE_ROOT / "__init__.py"
-        for module in list(sys.modules.values()):
-            file = getattr(module, "__file__", None)
-            if file and Path(file).resolve() == init:
-                return module
+    for path in nodes.LOADED_MODULE_DIRS.values():
+        # ComfyUI's module name for a folder is its path with "." replaced; other imports of our
+        # __init__.py (pytest imports it as a plain module) are not the loaded package.
+        if Path(path).resolve() == PACKAGE_ROOT and path.replace(".", "_x_") in sys.modules:
+            return sys.modules[path.replace(".", "_x_")]
     reasons = _ImportFailures()
     logging.getLogger().addHandler(reasons)
     try:

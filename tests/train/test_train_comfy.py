@@ -85,6 +85,31 @@ def _batches(module, data, count=2):
     return [collate([dataset[(0, 2 * b)], dataset[(0, 2 * b + 1)]]) for b in range(count)]
 
 
+def test_host_encodes_text_and_clip_images_as_the_nodes_do(comfy, monkeypatch):
+    """SDXL text: CLIP-G gets the ids padded with 0 after the end token (the nodes' encode_token_ids);
+    CLIP vision: the penultimate hidden states of ComfyUI's CLIP_VISION model, as the nodes compute them."""
+    from consistentid_core.face import uncond_pixel_values
+    from consistentid_core.prompt import encode_plain_text
+    from train.hosts.comfy import ComfyHost
+
+    host = ComfyHost(_model_config(comfy, "sdxl"), comfy.root, torch.device("cpu"), torch.float32)
+    seen = []
+    original = type(host.clip).encode_from_tokens
+    monkeypatch.setattr(type(host.clip), "encode_from_tokens", lambda self, tokens, **kw: seen.append(tokens) or original(self, tokens, **kw))
+    ids = torch.tensor([encode_plain_text("a photo of a woman", host.tokenizer)])
+    context, pooled = host.encode_text({"input_ids": ids, "text_only_input_ids": ids})
+    assert pooled is not None and context.shape[:2] == (1, 77)
+    ids_l, ids_g = [i for i, _ in seen[0]["l"][0]], [i for i, _ in seen[0]["g"][0]]
+    end = ids_l.index(host.tokenizer.eos_token_id) + 1
+    assert ids_l == ids[0].tolist() and ids_g[:end] == ids_l[:end] and set(ids_g[end:]) == {0}
+
+    torch.manual_seed(0)
+    pixels = torch.cat([torch.randn(2, 3, 224, 224), uncond_pixel_values(1)])
+    with torch.no_grad():
+        expected = host.clip_vision.model(pixel_values=pixels, intermediate_output=-2)[1].float()
+    assert torch.allclose(host.clip_hidden_states(pixels), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("base_model, layers, captured, per_kind", [("sd15", 5, 11, 16), ("sdxl", 3, 36, 70)])
 def test_one_step_on_comfy_unet_reaches_every_lora_and_id_projection(comfy, data, base_model, layers, captured, per_kind):
     """LoRA through ComfyUI weight wrappers, ID k/v through the attn2 patches at the slot keys."""

@@ -11,7 +11,8 @@
   returns ε directly: the original's ``unet(noisy_latents, timesteps, embeds)``.
 
 ComfyUI is imported from ``model.comfyui_path``/``COMFYUI_PATH`` by ``consistentid_cli.comfy_boot``
-(its root first on ``sys.path``; the trainer loads neither the extra nodes nor our package).
+(its root first on ``sys.path``). Our package is loaded too, without the extra nodes: text and CLIP vision
+are encoded by the nodes' own functions (``encode_token_ids``, ``clip_vision_hidden_states``).
 Everything is built outside ComfyUI's executor, so no weight is an inference tensor (the pitfall of
 training inside a node) and the frozen weights need no copies.
 """
@@ -28,6 +29,7 @@ import torch
 
 from consistentid_cli.comfy_boot import boot_comfyui
 from consistentid_core import ModelMismatch
+from consistentid_core.base_models import base_model_spec
 
 from ..attention_patch import PatchPlan
 from ..config import ModelConfig
@@ -80,7 +82,7 @@ def load_clip_vision(model: ModelConfig) -> Any:
 
 class ComfyHost(Host):
     def __init__(self, model: ModelConfig, root: Path, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool = False) -> None:
-        boot_comfyui(root, ["--cpu"] if device.type == "cpu" else [], extra_nodes=False, load_package=False)
+        booted = boot_comfyui(root, ["--cpu"] if device.type == "cpu" else [], extra_nodes=False, load_package=True)
         run_setup_hooks(model.setup_hooks, model)
         import comfy.model_management as mm
         import comfy.model_sampling
@@ -97,15 +99,19 @@ class ComfyHost(Host):
         if self.clip is None or self.vae is None or self.vae.first_stage_model is None:
             raise ModelMismatch(f"{model.checkpoint} has no text encoder or no VAE; training needs a full checkpoint")
         self.base_model = base_model_name(self.patcher)
+        self.spec = base_model_spec(self.base_model)
+        # The nodes' one implementation of text (CLIP-G padding) and CLIP vision encoding.
+        self._encode_token_ids = booted.our("conditioning").encode_token_ids
         sampling = self.patcher.model.model_sampling
         if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION):
             raise ModelMismatch("ConsistentID trains ε-prediction models (SD1.5, SDXL); this checkpoint predicts something else")
         self.clip_vision = load_clip_vision(model)
+        self._clip_vision_states = booted.our("runtime").clip_vision_hidden_states(self.clip_vision)
         self.tokenizer = self.clip.tokenizer.clip_l.tokenizer
         self._alphas = (1.0 / (1.0 + sampling.sigmas.float() ** 2)).to(self.device)
         self.patcher.model.requires_grad_(False)
         unet_config = self.patcher.model.model_config.unet_config
-        levels = 4 if self.base_model == "sd15" else 3
+        levels = len(self.spec.topology.levels)
         hidden = self.clip_vision.model.state_dict()["vision_model.embeddings.class_embedding"].shape[0]
         self.adapter_dims = {
             "channels": tuple(unet_config["model_channels"] * m for m in unet_config["channel_mult"][:levels]),
@@ -163,36 +169,21 @@ class ComfyHost(Host):
         images = self.vae.decode(self.patcher.model.process_latent_out(latents.float()))
         return images.to(self.device).float().permute(0, 3, 1, 2)
 
-    def _tokens(self, ids: list[int], pad_with_zero: bool) -> list[tuple[int, float]]:
-        if pad_with_zero:  # CLIP-G (SDXL) pads with 0 after the end token
-            end = ids.index(self.tokenizer.eos_token_id) if self.tokenizer.eos_token_id in ids else len(ids)
-            ids = ids[: end + 1] + [0] * (len(ids) - end - 1)
-        return [(int(i), 1.0) for i in ids]
-
     def encode_text(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # SD1.5 trained on the marker-free ids (EOS dropped when cut); SDXL on the plain tokenisation.
-        key = "input_ids" if self.base_model == "sd15" else "text_only_input_ids"
+        # The ids the original trained this base model on (BaseModelSpec.training_text_ids).
         contexts, pooled = [], []
-        for ids in batch[key].tolist():
-            tokens = {"l": [self._tokens(ids, False)]}
-            if self.base_model == "sdxl":
-                tokens["g"] = [self._tokens(ids, True)]
-            context, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        for ids in batch[self.spec.training_text_ids].tolist():
+            context, pool = self._encode_token_ids(self.clip, self.spec, ids)
             contexts.append(context)
             pooled.append(pool)
         context = torch.cat(contexts).to(self.device).float()
-        return context, (torch.cat(pooled).to(self.device).float() if self.base_model == "sdxl" else None)
+        return context, (torch.cat(pooled).to(self.device).float() if self.spec.uses_pooled_text else None)
 
     def clip_hidden_states(self, pixels: torch.Tensor) -> torch.Tensor:
-        import comfy.model_management as mm
-
-        mm.load_model_gpu(self.clip_vision.patcher)
-        device = self.clip_vision.load_device
-        out = self.clip_vision.model(pixel_values=pixels.to(device).float(), intermediate_output=-2)
-        return out[1].to(self.device).float()
+        return self._clip_vision_states(pixels).to(self.device).float()
 
     def _adm(self, conditioning: dict[str, Any], batch: int, target: int) -> torch.Tensor | None:
-        if self.base_model != "sdxl":
+        if not self.spec.uses_pooled_text:
             return None
         rows = []
         for i in range(batch):
