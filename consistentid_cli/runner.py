@@ -25,7 +25,7 @@ from .workflow import (
     parse_override,
 )
 
-__all__ = ["add_arguments", "comfy_argv", "main", "node_input_names", "run_workflow", "RunResult"]
+__all__ = ["add_arguments", "collect_images", "comfy_argv", "main", "node_input_names", "run_workflow", "RunResult"]
 
 logger = logging.getLogger("consistentid.run")
 EXIT_FAILED = 1
@@ -144,7 +144,7 @@ def run_workflow(workflow: Mapping[str, dict], out_dir: Path, progress: bool = T
         bars.close()
         if not executor.success:
             return RunResult(False, _execution_errors(workflow, executor.status_messages), [])
-        images = _collect_images(executor.history_result.get("outputs", {}), out_dir, temp_dir)
+        images = collect_images(executor.history_result.get("outputs", {}), out_dir, temp_dir)
         return RunResult(True, [], images)
     finally:
         bars.close()
@@ -160,7 +160,7 @@ def _execution_errors(workflow: Mapping[str, dict], messages: list) -> list[str]
     return errors or ["the workflow failed (run with --verbose for ComfyUI's log)"]
 
 
-def _collect_images(outputs: Mapping[str, dict], out_dir: Path, temp_dir: Path) -> list[Path]:
+def collect_images(outputs: Mapping[str, dict], out_dir: Path, temp_dir: Path) -> list[Path]:
     """Paths of saved images; PreviewImage files are copied from the temp folder into ``out_dir``."""
     images = []
     for ui in outputs.values():

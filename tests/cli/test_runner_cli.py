@@ -160,5 +160,5 @@ def test_previews_are_copied_next_to_saved_images(tmp_path):
     (temp / "preview.png").write_bytes(b"png")
     outputs = {"9": {"images": [{"filename": "saved.png", "subfolder": "sub", "type": "output"}]},
                "10": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}]}, "11": {"text": ["x"]}}
-    assert runner._collect_images(outputs, out, temp) == [out / "sub" / "saved.png", out / "preview.png"]
+    assert runner.collect_images(outputs, out, temp) == [out / "sub" / "saved.png", out / "preview.png"]
     assert (out / "preview.png").read_bytes() == b"png"
