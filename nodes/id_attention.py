@@ -121,6 +121,7 @@ class CallContext:
     roles: dict = dataclasses.field(default_factory=dict)
     areas: dict = dataclasses.field(default_factory=dict)
     latent_size: tuple[int, int] | None = None
+    latent_dims: int = 4
     _sigma: float | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -146,7 +147,8 @@ class CallContext:
                     continue
                 context.roles[uid] = role
                 if entry.get("area") is not None:
-                    context.areas[uid] = clipped_area(entry["area"], context.latent_size, x_in.dim())
+                    context.areas[uid] = tuple(entry["area"])
+        context.latent_dims = x_in.dim()
         return context
 
     def chunk_roles(self, extra_options: dict) -> list[str | None] | None:
@@ -156,8 +158,10 @@ class CallContext:
         return [self.roles.get(uid) for uid in uuids]
 
     def chunk_areas(self, extra_options: dict, chunks: int) -> list[Area | None]:
+        """The crop of each chunk, clipped as the sampler clips it (asked only when a mask needs it)."""
         uuids = extra_options.get("uuids") or [None] * chunks
-        return [self.areas.get(uid) for uid in uuids]
+        return [None if self.areas.get(uid) is None else clipped_area(self.areas[uid], self.latent_size, self.latent_dims)
+                for uid in uuids]
 
 
 def clipped_area(area: Sequence, latent_size: tuple[int, int], latent_dims: int) -> Area:

@@ -298,3 +298,15 @@ def test_roles_override_positions_and_untagged_inputs_next_to_ours_get_the_uncon
     assert input_roles([[None], [None, None]]) == [[None], [None, None]]
     assert chunk_rows([0, 1, 2], None) == (ida.COND, ida.UNCOND, ida.COND)  # today's position rule
     assert chunk_rows(None) == (ida.COND,)
+
+
+def test_an_area_on_a_video_latent_stops_only_a_masked_branch():
+    """Area conditioning on 5-d latents passes through; with an attention mask it says it cannot."""
+    context = ida.CallContext(latent_size=(4, 6), latent_dims=5, areas={"u": (2, 3, 4, 6, 0, 0)})
+    q, k, v = _qkv(length=24)
+    options = _options(uuids=["u", "v"], activations_shape=[4, WIDTH, 4, 6], **{ida.CALL_KEY: context})
+    plain = ida.IDAttentionPatch([_branch()], attention=_attention)
+    assert plain(q, k, v, options).shape == q.shape
+    masked = ida.IDAttentionPatch([_branch(mask=torch.ones(1, 4, 6))], attention=_attention)
+    with pytest.raises(ValueError, match="cannot follow the area"):
+        masked(q, k, v, options)
