@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures import cid_harness
+from consistentid_cli.comfy_boot import HeadlessExecutor
 from tests.fixtures import cid_workflows as wf
 
 # Relative L2 distance of the sampled latents to the fp32 run; measured at most 4.8e-3 (fp16) and
@@ -42,7 +42,7 @@ def _sample(comfy, name: str, adapter_dtype: str = "auto") -> tuple[torch.Tensor
             node["inputs"]["width"] = node["inputs"]["height"] = LATENT_PX
     sampler = wf.nodes_of(prompt, "KSampler")[0]
     apply = wf.nodes_of(prompt, "ConsistentID_Apply")[0]
-    runner = cid_harness.PromptRunner(comfy.execution)  # empty cache: models load again with the flags
+    runner = HeadlessExecutor(comfy)  # empty cache: models load again with the flags
     result = runner.run(prompt)
     assert result.success, result.error
     model = result.output(apply)[0][0]
