@@ -64,7 +64,7 @@ def build_host(env: Any, spec: dict[str, Any], folder: Path):
     vae_params = {"ddconfig": spec["vae"], "embed_dim": 4}
     vae = comfy.sd.VAE(sd=init_module(AutoencoderKL(**vae_params), 5).state_dict(), config={"params": vae_params})
     clip_vision = build_clip_vision(spec["vit"], folder)
-    model = ModelConfig(kind="comfy", comfyui_path=str(env.root), checkpoint="(random)", clip_vision="(random)",
+    model = ModelConfig(comfyui_path=str(env.root), checkpoint="(random)", clip_vision="(random)",
                         lora_rank=spec["lora_rank"], adapter_dims=spec["adapter"])
     with mock.patch("comfy.sd.load_checkpoint_guess_config", lambda *a, **k: (unet, clip, vae, None)), \
             mock.patch("train.hosts.comfy.load_clip_vision", lambda _: clip_vision):
