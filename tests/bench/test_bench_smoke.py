@@ -17,7 +17,7 @@ import pytest
 from tests.fixtures import cid_harness
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = {"step", "scaling_resolution", "scaling_identities", "face", "memory", "adapter_size", "training", "soak"}
+SECTIONS = {"step", "step_sdxl", "scaling_resolution", "scaling_identities", "face", "memory", "adapter_size", "training", "soak"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,12 @@ def test_memory_workers_ran_each_variant(smoke):
 
 
 def test_soak_leaves_no_adapter_alive_after_free_memory(smoke):
-    """Every soak run's adapter (a new dtype each run) is gone after ComfyUI's free-memory."""
-    samples = smoke[0]["sections"]["soak"]["data"]["samples"]
+    """Every soak run's adapter (a new dtype each run) is gone after ComfyUI's free-memory.
+
+    The smoke run shares its process with the earlier sections (the face benchmark still holds its
+    own adapter), so the counts are compared with those taken before the first soak run."""
+    soak = smoke[0]["sections"]["soak"]["data"]
+    samples, before = soak["samples"], soak["before"]
     assert len(samples) == 6
-    assert all(s["ConsistentIDAdapter"] == 0 and s["LoadedConsistentID"] == 0 and s["ModelPatcher"] == 0 for s in samples)
+    kinds = ("ConsistentIDAdapter", "LoadedConsistentID", "ModelPatcher", "IDAttentionPatch", "IdentityBranch")
+    assert all(s[kind] == before[kind] for s in samples for kind in kinds)
