@@ -127,8 +127,8 @@ class TrainConfig:
     on_shape_change: str = "refuse"
     """Resuming with other processes/batch size/accumulation/data size: ``refuse`` or ``remap`` (same epoch, next unused batch)."""
     log_every: int = 10
-    log_with: str = "tensorboard"
-    """``tensorboard``, ``wandb``, ``none`` (metrics.jsonl is always written)."""
+    log_with: str = "auto"
+    """``auto`` (TensorBoard if installed, W&B if installed and logged in or ``WANDB_MODE=offline``), ``tensorboard``, ``wandb``, ``none`` (metrics.jsonl is always written)."""
     sample_every: int = 500
     """Sample grid every N steps (0: never)."""
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a person", "a person wearing a red hat, oil painting"])
@@ -148,6 +148,8 @@ class TrainConfig:
     validation_insightface_name: str = "antelopev2"
     validation_clip_model: str | None = None
     """transformers CLIP folder for CLIP-T (as ``train.evaluate score --clip-model``); unset: no CLIP-T."""
+    validation_weights: str = "ema"
+    """Weights validation scores and ``best/`` keeps: ``ema`` (the EMA when ``ema_decay`` is on, as the final adapter and the export; else the live weights) or ``live``."""
     best_metric: str | None = "validation/loss"
     """Metric picking ``output_dir/best/`` (``validation/loss`` lowest; ``validation/FaceSim``, ``validation/CLIP-T`` highest; null: off)."""
     ddp_find_unused_parameters: bool = True
@@ -169,7 +171,8 @@ class Config:
             ("train", "lr_scheduler"): ("constant", "cosine", "linear"),
             ("train", "mixed_precision"): ("no", "fp16", "bf16"),
             ("train", "localization_attention"): ("attn2", "attn1_original"),
-            ("train", "log_with"): ("tensorboard", "wandb", "none"),
+            ("train", "log_with"): ("auto", "tensorboard", "wandb", "none"),
+            ("train", "validation_weights"): ("ema", "live"),
             ("train", "best_metric"): ("validation/loss", "validation/FaceSim", "validation/CLIP-T", None),
         }
         for (section, key), allowed in choices.items():

@@ -2,11 +2,15 @@
 
 The shadow copy is float32 and keyed like the checkpoint's ``model.safetensors`` (``adapter.…``), so
 ``train.export`` reads ``ema.safetensors`` with the same code. It is updated after every optimizer
-step that was taken (skipped steps leave it alone), identically on every process.
+step that was taken (skipped steps leave it alone), identically on every process. Validation scores
+these weights (:meth:`AdapterEMA.swapped_in`) when ``train.validation_weights`` is ``ema``, so the
+best adapter is chosen among the weights that are shipped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,3 +44,18 @@ class AdapterEMA:
             raise KeyError(f"the EMA state lacks {len(missing)} tensors, e.g. {missing[:2]}")
         for name, tensor in self.shadow.items():
             tensor.copy_(state[name].to(tensor.device, tensor.dtype))
+
+    @contextmanager
+    def swapped_in(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """``module`` holds the EMA weights inside the block and its own weights again after it."""
+        trainable = self._trainable(module)
+        saved = [p.detach().clone() for _, p in trainable]
+        with torch.no_grad():
+            for name, p in trainable:
+                p.copy_(self.shadow[name])
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for (_, p), weights in zip(trainable, saved):
+                    p.copy_(weights)

@@ -46,7 +46,7 @@ from .run_shape import RunShape, changes, resume_start_batch
 from .shards import ShardStream, cache_loader
 from .split import split_by_identity
 from .step import LossConfig, TrainingModule, step_generator
-from .tracking import MetricsLogger
+from .tracking import MetricsLogger, tracker_names
 from .update import Outcome, apply_update
 from .validation import Validator
 
@@ -162,10 +162,7 @@ def make_accelerator(config: Config):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    trackers = [] if config.train.log_with == "none" else [config.train.log_with]
-    if "tensorboard" in trackers and not _has_tensorboard():
-        logger.warning("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
-        trackers = []
+    trackers = tracker_names(config.train.log_with)
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun/accelerate launch) then use gloo
         mixed_precision=config.train.mixed_precision,
@@ -187,12 +184,6 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -296,7 +287,10 @@ def run(config: Config) -> dict[str, Any]:
                 )
         last = metrics.step(state["step"], totals, update.grad_norm, scheduler.get_last_lr()[0], time.perf_counter() - started, state)
         if validator is not None and validator.due(state["step"]):
-            validator.run(accelerator, accelerator.unwrap_model(module), state["step"], metrics)
+            scored = accelerator.unwrap_model(module)
+            use_ema = ema is not None and config.train.validation_weights == "ema"
+            with ema.swapped_in(scored) if use_ema else contextlib.nullcontext():
+                validator.run(accelerator, scored, state["step"], metrics, weights="ema" if use_ema else "live")
         if state["step"] % config.train.checkpoint_every == 0 or state["step"] == config.train.max_steps:
             check_replicas(accelerator, module)
             save_checkpoint(
@@ -337,7 +331,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         config = load_config(args.config, args.set)
     except ConfigError as error:
         parser.error(str(error))
-    summary = run(config)
+    try:
+        summary = run(config)
+    except ConfigError as error:
+        parser.error(str(error))
     logger.info("done: %s", json.dumps(summary))
     return summary
 

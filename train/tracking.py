@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import netrc
+import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -16,6 +20,61 @@ logger = logging.getLogger("train.fit")
 METRICS_FILE = "metrics.jsonl"
 VALIDATION_FILE = "validation.jsonl"
 LOSS_NAMES = ("loss", "noise_loss", "facial_loss")
+
+
+def tracker_names(log_with: str) -> list[str]:
+    """accelerate's trackers for ``train.log_with``.
+
+    ``auto`` (the default) logs to TensorBoard when it is installed and to W&B when it is installed
+    and can start without asking for a key (:func:`wandb_unready`), so installing W&B is enough to
+    get the curves there. A tracker named explicitly must be installed: a run that was asked for W&B
+    and silently wrote only metrics.jsonl would be found out hours later.
+    """
+    from .config import ConfigError
+
+    if log_with == "none":
+        return []
+    if log_with == "auto":
+        names = ["tensorboard"] if _has_tensorboard() else []
+        reason = wandb_unready()
+        if reason is None:
+            names.append("wandb")
+        elif importlib.util.find_spec("wandb") is not None:
+            logger.info("not logging to W&B: %s", reason)
+        return names
+    installed = _has_tensorboard() if log_with == "tensorboard" else importlib.util.find_spec("wandb") is not None
+    if not installed:
+        raise ConfigError(f"train.log_with is {log_with} but {log_with} is not installed: pip install {log_with}, or set log_with: auto")
+    return [log_with]
+
+
+def wandb_unready() -> str | None:
+    """Why W&B would stop to ask for an API key (or is off), ``None`` when it can log unattended.
+
+    It can when a key is in the environment or in the netrc file that ``wandb login`` writes for the
+    server in use, or when ``WANDB_MODE`` is ``offline`` (runs kept under ``output_dir/wandb`` for
+    ``wandb sync``).
+    """
+    if importlib.util.find_spec("wandb") is None:
+        return "wandb is not installed"
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode == "disabled":
+        return "WANDB_MODE is disabled"
+    if mode in ("offline", "dryrun") or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    candidates = [Path(os.environ["NETRC"]).expanduser()] if os.environ.get("NETRC") else [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
+    for path in candidates:
+        try:
+            if netrc.netrc(path).authenticators(host):
+                return None
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return f"no W&B key for {host} (run wandb login, set WANDB_API_KEY, or WANDB_MODE=offline)"
+
+
+def _has_tensorboard() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
 class MetricsLogger:
@@ -31,7 +90,8 @@ class MetricsLogger:
         self.seconds = 0.0
         self.started = time.time()
         if accelerator.is_main_process and accelerator.log_with:
-            accelerator.init_trackers("consistentid", config={k: str(v) for k, v in _flat(config.to_dict()).items()})
+            init_kwargs = {"wandb": {"dir": str(output_dir)}} if "wandb" in [str(t) for t in accelerator.log_with] else {}
+            accelerator.init_trackers("consistentid", config={k: str(v) for k, v in _flat(config.to_dict()).items()}, init_kwargs=init_kwargs)
 
     def step(self, step: int, losses: torch.Tensor, grad_norm: float, lr: float, seconds: float, state: dict) -> dict[str, float]:
         """Collective on log steps (every process must call it every step)."""
@@ -84,6 +144,8 @@ class MetricsLogger:
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [np.asarray(grid)]}, step=step)
         logger.info("sample grid %s", path)
         return path
 

@@ -6,9 +6,11 @@ Every ``train.validation_every`` steps:
   the text/image drop, with noise, timesteps and background coin fixed per batch (the same draws at
   every evaluation, so the curve moves only with the weights); split over the processes and averaged;
 * **FaceSim / CLIP-T** on a fixed grid: the first ``validation_grid`` held-out identities (one
-  reference photo each) × ``validation_prompts``, generated with the live adapter
+  reference photo each) × ``validation_prompts``, generated with the adapter being validated
   (:func:`train.sampling.generate`) and scored by :class:`train.evaluate.Scorers`, the code behind
   ``python -m train.evaluate score``; images go to ``output_dir/validation/step-XXXXXXXX/``;
+* **which weights**: the EMA when ``train.ema_decay`` is on and ``validation_weights`` is ``ema`` (the
+  default: the weights the final adapter and the export hold), else the live weights;
 * **best adapter**: when ``best_metric`` improves, the adapter is written to
   ``output_dir/best/consistentid_adapter.safetensors`` (a file the nodes load) with ``best.json``.
 
@@ -77,15 +79,15 @@ class BestCheckpoint:
             return True
         return value < self.best["value"] if self.lower else value > self.best["value"]
 
-    def update(self, step: int, values: dict[str, float], adapter: Any) -> bool:
-        """Main process only. Returns True when this step became the best."""
+    def update(self, step: int, values: dict[str, float], adapter: Any, weights: str = "live") -> bool:
+        """Main process only; ``weights`` (``live``/``ema``) says which ones ``adapter`` holds. True when this step became the best."""
         if self.metric is None or self.metric not in values or not self.improves(values[self.metric]):
             return False
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{BEST_ADAPTER}.{os.getpid()}.tmp.safetensors"
         adapter.save(tmp)
         os.replace(tmp, self.folder / BEST_ADAPTER)
-        self.best = {"metric": self.metric, "value": values[self.metric], "step": step, "values": values}
+        self.best = {"metric": self.metric, "value": values[self.metric], "step": step, "weights": weights, "values": values}
         state = self.folder / f".{BEST_STATE}.tmp"
         state.write_text(json.dumps(self.best, indent=1), encoding="utf-8")
         os.replace(state, self.folder / BEST_STATE)
@@ -175,12 +177,15 @@ class Validator:
         overall = summarise(scorers.score_rows(rows), wanted)["overall"]
         return {f"validation/{metric}": float(overall[metric]) for metric in wanted}
 
-    def run(self, accelerator: Any, module: Any, step: int, metrics: Any) -> dict[str, float]:
-        """Collective: every process computes its share of the loss; the main one does the grid."""
+    def run(self, accelerator: Any, module: Any, step: int, metrics: Any, weights: str = "live") -> dict[str, float]:
+        """Collective: every process computes its share of the loss; the main one does the grid.
+
+        ``module`` is scored with the weights it holds; ``weights`` names them (``live`` or ``ema``) in best.json.
+        """
         values = self.loss(module, accelerator.process_index, accelerator.num_processes, lambda t: accelerator.reduce(t, reduction="sum"))
         if accelerator.is_main_process:
             values.update(self.grid_scores(module, step))
             metrics.validation(step, values)
-            self.best.update(step, values, module.adapter)
+            self.best.update(step, values, module.adapter, weights)
         accelerator.wait_for_everyone()
         return values

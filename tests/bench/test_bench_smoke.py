@@ -79,3 +79,5 @@ def test_soak_leaves_no_adapter_alive_after_free_memory(smoke):
     assert len(samples) == 6
     kinds = ("ConsistentIDAdapter", "LoadedConsistentID", "ModelPatcher", "IDAttentionPatch", "IdentityBranch")
     assert all(s[kind] == before[kind] for s in samples for kind in kinds)
+    assert all(0 < s["rss_trimmed"] <= s["rss"] + 64 * 2**20 for s in samples)  # glibc here: both readings taken
+    assert isinstance(soak["trimmed_rss_growth"], float)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_comfy import RESOLUTION, _model_config, _module, _overrides, data  # noqa: F401  (fixture)
+from tests.fixtures.tiny_training import RESOLUTION, overrides, training_module
 
 
 def _config(comfy, data, out, **train):
     from train.config import load_config
 
-    return load_config(None, _overrides(comfy, data, out, **train))
+    return load_config(None, overrides(comfy, data, out, **train))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_cached_features_give_the_same_loss_as_encoding_on_the_fly(comfy, data, 
     folder, _ = cached
     stream = ShardStream(folder, 2, drop_prob=1.0 if drop else 0.0, shuffle_buffer=1)
     cached_batch = next(iter(stream))
-    module = _module(comfy)
+    module = training_module(comfy)
     root = data.parent
     roots = DataRoots.of(root / "resize_IMG", root / "parsing_mask_IMG", root / "faceID")
     records = {r.index: r for r in read_fgid(data).records}
@@ -107,6 +107,43 @@ def test_fit_trains_from_the_cache_validates_on_schedule_and_keeps_the_best_adap
         assert not torch.equal(best_weights[key], last[f"adapter.{key}"])
 
 
+def test_with_ema_validation_scores_and_best_keeps_the_ema_weights(comfy, data, tmp_path):
+    """The EMA is what the final adapter and the export ship, so it is what validation must rank."""
+    from consistentid_core import ConsistentIDAdapter
+    from consistentid_core.data import DataRoots, read_fgid
+    from train.fit import run
+    from train.split import split_by_identity
+    from train.tracking import VALIDATION_FILE, read_metrics
+    from train.validation import Validator
+
+    out = tmp_path / "run"
+    config = _config(comfy, data, out, max_steps=4, checkpoint_every=2, validation_every=2, validation_samples=3, ema_decay=0.5)
+    config.data.validation_identities = 2
+    run(config)
+    validation = {v["step"]: v["validation/loss"] for v in read_metrics(out, VALIDATION_FILE)}
+    assert sorted(validation) == [2, 4]
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["weights"] == "ema"
+    checkpoint = out / "checkpoints" / f"step-{best['step']:08d}"
+    ema, live = load_file(checkpoint / "ema.safetensors"), load_file(checkpoint / "model.safetensors")
+    best_weights = ConsistentIDAdapter.load(out / "best" / "consistentid_adapter.safetensors").state_dict()
+    key = "id_projection.proj.0.weight"
+    assert torch.equal(best_weights[key], ema[f"adapter.{key}"]) and not torch.equal(ema[f"adapter.{key}"], live[f"adapter.{key}"])
+
+    # The logged validation loss is the EMA's, recomputed here on a fresh module holding those weights.
+    module = training_module(comfy)
+    root = data.parent
+    roots = DataRoots.of(root / "resize_IMG", root / "parsing_mask_IMG", root / "faceID")
+    validator = Validator(config, split_by_identity(read_fgid(data).records, 2, 0).held_out, roots, module.host.tokenizer, tmp_path / "again")
+    losses = {}
+    for weights, state in (("ema", load_file(out / "checkpoints" / "step-00000004" / "ema.safetensors")),
+                           ("live", load_file(out / "checkpoints" / "step-00000004" / "model.safetensors"))):
+        assert not module.load_state_dict(state, strict=False).unexpected_keys
+        losses[weights] = validator.loss(module)["validation/loss"]
+    assert validation[4] == pytest.approx(losses["ema"], rel=1e-6)
+    assert abs(losses["ema"] - losses["live"]) > 1e-6 * losses["live"]
+
+
 def test_validation_loss_is_deterministic_and_the_grid_is_scored(comfy, data, tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -126,7 +163,7 @@ def test_validation_loss_is_deterministic_and_the_grid_is_scored(comfy, data, tm
     config = _config(comfy, data, tmp_path / "run", validation_grid=2, sample_steps=2, validation_samples=4,
                      validation_insightface_root=str(comfy.models_dir / "insightface"), validation_insightface_name="buffalo_l",
                      validation_clip_model=str(clip))
-    module = _module(comfy)
+    module = training_module(comfy)
     root = data.parent
     roots = DataRoots.of(root / "resize_IMG", root / "parsing_mask_IMG", root / "faceID")
     held_out = split_by_identity(read_fgid(data).records, 2, 0).held_out

@@ -21,61 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 
-REPO = Path(__file__).resolve().parents[2]
-RESOLUTION = 128  # 16×16 latents: the SD1.5 topology downsamples three times
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from train.synthetic import write_synthetic_set
-
-    return write_synthetic_set(tmp_path_factory.mktemp("fgid"), count=8, identities=4, size=RESOLUTION)
-
-
-def _model_config(comfy, base_model="sd15"):
-    from train.config import ModelConfig
-
-    return ModelConfig(
-        comfyui_path=str(comfy.root), checkpoint=str(comfy.paths[f"{base_model}_checkpoint"]),
-        clip_vision=str(comfy.paths["clip_vision"]),
-        clip_vision_config=str(comfy.models_dir / "clip_vision" / "tiny_clip_vision.json"),
-        setup_hooks=[f"{REPO / 'tests' / 'fixtures' / 'tiny_setup.py'}:register"],
-        lora_rank=4, adapter_dims={"facial_dim": 64, "facial_depth": 2, "id_depth": 2},
-    )
-
-
-def _overrides(comfy, data, out, base_model="sd15", **train):
-    model = _model_config(comfy, base_model)
-    values = {
-        "model.comfyui_path": model.comfyui_path, "model.checkpoint": model.checkpoint,
-        "model.clip_vision": model.clip_vision, "model.clip_vision_config": model.clip_vision_config,
-        "model.setup_hooks": f"[{model.setup_hooks[0]}]", "model.lora_rank": 4,
-        "model.adapter_dims": "{facial_dim: 64, facial_depth: 2, id_depth: 2}",
-        "data.json": data, "data.image_root": data.parent / "resize_IMG", "data.parsing_root": data.parent / "parsing_mask_IMG",
-        "data.id_embedding_root": data.parent / "faceID", "data.resolution": RESOLUTION, "data.num_workers": 0,
-        "train.output_dir": out, "train.batch_size": 2, "train.learning_rate": "1e-3", "train.log_every": 1,
-        "train.checkpoint_every": 2, "train.sample_every": 0, "train.log_with": "none",
-        "train.localization_layers": 5 if base_model == "sd15" else 3,
-        **{f"train.{k}": v for k, v in train.items()},
-    }
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def _module(comfy, base_model="sd15", adapter=None, layers=5, gradient_checkpointing=False, attention="attn2"):
-    from train.config import Config
-    from train.fit import build_adapter
-    from train.hosts.comfy import ComfyHost
-    from train.step import LossConfig, TrainingModule
-
-    model = _model_config(comfy, base_model)
-    host = ComfyHost(model, comfy.root, torch.device("cpu"), torch.float32, gradient_checkpointing)
-    if adapter is None:
-        config = Config(model=model)
-        torch.manual_seed(0)
-        adapter = build_adapter(config, host)
-    return TrainingModule(adapter, host, LossConfig(localization_layers=layers, localization_attention=attention))
-
-
+from tests.fixtures.tiny_training import RESOLUTION, REPO, model_config, overrides, training_module
 def _batches(module, data, count=2):
     from consistentid_core.data import DataRoots, FGIDDataset, SampleOptions, collate, read_fgid
 
@@ -92,7 +38,7 @@ def test_host_encodes_text_and_clip_images_as_the_nodes_do(comfy, monkeypatch):
     from consistentid_core.prompt import encode_plain_text
     from train.hosts.comfy import ComfyHost
 
-    host = ComfyHost(_model_config(comfy, "sdxl"), comfy.root, torch.device("cpu"), torch.float32)
+    host = ComfyHost(model_config(comfy, "sdxl"), comfy.root, torch.device("cpu"), torch.float32)
     seen = []
     original = type(host.clip).encode_from_tokens
     monkeypatch.setattr(type(host.clip), "encode_from_tokens", lambda self, tokens, **kw: seen.append(tokens) or original(self, tokens, **kw))
@@ -115,7 +61,7 @@ def test_one_step_on_comfy_unet_reaches_every_lora_and_id_projection(comfy, data
     """LoRA through ComfyUI weight wrappers, ID k/v through the attn2 patches at the slot keys."""
     from train.step import step_generator
 
-    module = _module(comfy, base_model, layers=layers)
+    module = training_module(comfy, base_model, layers=layers)
     calls = []
     original_end = module.state.end
     module.state.end = lambda: calls.append(original_end()) or calls[-1]
@@ -138,7 +84,7 @@ def test_one_step_on_comfy_unet_reaches_every_lora_and_id_projection(comfy, data
 
 
 def test_id_key_value_start_as_the_unet_key_value(comfy):
-    module = _module(comfy)
+    module = training_module(comfy)
     weights = module.host.base_weights()
     slot, layer = next(module.adapter.cross_attention_layers())
     assert torch.equal(layer.to_k_ip.weight, weights[f"diffusion_model.{slot.comfy_module}.to_k.weight"])
@@ -151,7 +97,7 @@ def test_original_attn1_localization_mode_trains(comfy, data):
 
     from train.step import step_generator
 
-    module = _module(comfy, attention="attn1_original")
+    module = training_module(comfy, attention="attn1_original")
     result = module(_batches(module, data, 1)[0], step_generator(0, 0, 0, 0, torch.device("cpu")))
     assert math.isfinite(float(result["loss"])) and result["facial_loss"] != 0
 
@@ -162,7 +108,7 @@ def test_gradient_checkpointing_on_comfy_unet_gives_the_same_gradients(comfy, da
 
     grads = []
     for checkpointing in (False, True):
-        module = _module(comfy, gradient_checkpointing=checkpointing)
+        module = training_module(comfy, gradient_checkpointing=checkpointing)
         module(_batches(module, data, 1)[0], step_generator(0, 0, 0, 0, torch.device("cpu")))["loss"].backward()
         grads.append({n: p.grad for n, p in module.adapter.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -176,7 +122,7 @@ def test_fine_tuning_starts_from_a_release_file_and_refuses_one_for_another_base
     from train.hosts.comfy import ComfyHost
     from train.step import TrainingModule
 
-    config = Config(model=_model_config(comfy))
+    config = Config(model=model_config(comfy))
     host = ComfyHost(config.model, comfy.root, torch.device("cpu"), torch.float32)
     config.model.init_from = str(comfy.paths["sd15_adapter"])
     adapter = build_adapter(config, host)
@@ -208,7 +154,7 @@ def test_training_patch_computes_what_the_nodes_inference_patch_computes(comfy):
     mm, comfy_sd = importlib.import_module("comfy.model_management"), importlib.import_module("comfy.sd")
 
     adapter = make_tiny_adapter("sd15", seed=3)
-    module = _module(comfy, adapter=adapter)
+    module = training_module(comfy, adapter=adapter)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 16, 16, generator=generator)
     context = torch.randn(1, 77, 64, generator=generator)
@@ -239,7 +185,7 @@ def _eval_loss(module, batches):
 def test_loss_decreases_over_a_few_dozen_steps_on_comfy_unet(comfy, data):
     from train.step import step_generator
 
-    module = _module(comfy)
+    module = training_module(comfy)
     batches = _batches(module, data)
     optimizer = torch.optim.AdamW(module.adapter.parameters(), lr=2e-3)
     before = _eval_loss(module, batches)
@@ -260,9 +206,9 @@ def test_resume_reproduces_uninterrupted_weights_and_ema_and_export_loads_back(c
     from train.fit import run
     from train.tracking import read_metrics
 
-    run(load_config(None, _overrides(comfy, data, tmp_path / "straight", max_steps=4, ema_decay=0.5)))
-    run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=2, ema_decay=0.5)))
-    run(load_config(None, _overrides(comfy, data, tmp_path / "interrupted", max_steps=4, ema_decay=0.5)))
+    run(load_config(None, overrides(comfy, data, tmp_path / "straight", max_steps=4, ema_decay=0.5)))
+    run(load_config(None, overrides(comfy, data, tmp_path / "interrupted", max_steps=2, ema_decay=0.5)))
+    run(load_config(None, overrides(comfy, data, tmp_path / "interrupted", max_steps=4, ema_decay=0.5)))
     last = find_checkpoint(tmp_path / "straight", "auto")
     straight, straight_ema = load_file(last / "model.safetensors"), load_file(last / "ema.safetensors")
     resumed_at = find_checkpoint(tmp_path / "interrupted", "auto")
@@ -304,14 +250,14 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_training(comfy, data, tm
         return result
 
     monkeypatch.setattr(TrainingModule, "forward", sometimes_nan)
-    summary = run(load_config(None, _overrides(comfy, data, tmp_path / "nan", max_steps=3)))
+    summary = run(load_config(None, overrides(comfy, data, tmp_path / "nan", max_steps=3)))
     assert summary["skipped_steps"] == 1 and summary["scaler_overflows"] == 0
     weights = load_file(find_checkpoint(tmp_path / "nan", "auto") / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
     monkeypatch.setattr(TrainingModule, "forward", lambda self, b, g: {**original(self, b, g), "loss": torch.tensor(float("nan"), requires_grad=True)})
     with pytest.raises(RuntimeError, match="consecutive steps with NaN"):
-        run(load_config(None, _overrides(comfy, data, tmp_path / "all_nan", max_steps=3, max_nonfinite_steps=1)))
+        run(load_config(None, overrides(comfy, data, tmp_path / "all_nan", max_steps=3, max_nonfinite_steps=1)))
 
 
 def test_bf16_mixed_precision_run(comfy, data, tmp_path):
@@ -320,7 +266,7 @@ def test_bf16_mixed_precision_run(comfy, data, tmp_path):
     from train.config import load_config
     from train.fit import run
 
-    summary = run(load_config(None, _overrides(comfy, data, tmp_path, max_steps=1, mixed_precision="bf16")))
+    summary = run(load_config(None, overrides(comfy, data, tmp_path, max_steps=1, mixed_precision="bf16")))
     assert summary["skipped_steps"] == 0 and math.isfinite(summary["last"]["loss"])
 
 
@@ -330,7 +276,7 @@ def _launch_two_processes(comfy, data, out, records, **train):
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "train" / "configs" / "accelerate" / "cpu_2proc.yaml"),
         "--main_process_port", "0",
         str(REPO / "tests" / "fixtures" / "ranks.py"), "--config", str(REPO / "train" / "configs" / "sd15.yaml"),
-        *[arg for pair in (("--set", o) for o in _overrides(comfy, data, out, **train)) for arg in pair],
+        *[arg for pair in (("--set", o) for o in overrides(comfy, data, out, **train)) for arg in pair],
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CID_RECORD_DIR": str(records),
            "CID_INF_LOSS_RANK": "1", "CID_INF_LOSS_CALL": "2"}
@@ -364,13 +310,13 @@ def test_two_processes_stay_identical_read_disjoint_shards_and_resume_at_another
     shards = [{i for batch in r["indices"] for i in batch} for r in ranks]
     assert len(shards[0]) == len(shards[1]) == 2 and not shards[0] & shards[1]
 
-    overrides = _overrides(comfy, data, out, max_steps=4, batch_size=2)
+    changed = overrides(comfy, data, out, max_steps=4, batch_size=2)
     with pytest.raises(ConfigError, match="world_size 2 → 1, batch_size 1 → 2"):
-        run(load_config(None, overrides))
+        run(load_config(None, changed))
     seen = []
     forward = TrainingModule.forward
     monkeypatch.setattr(TrainingModule, "forward", lambda self, b, g: seen.append(list(b["index"])) or forward(self, b, g))
-    summary = run(load_config(None, [*overrides, "train.on_shape_change=remap"]))
+    summary = run(load_config(None, [*changed, "train.on_shape_change=remap"]))
     assert summary["step"] == 4
     after = [i for batch in seen for i in batch]
     assert len(after) == 4 and not set(after) & (shards[0] | shards[1])
@@ -393,11 +339,11 @@ def test_prepare_fit_export_evaluate_chain_on_the_synthetic_set(comfy, data, tmp
     rows = json.loads((prepared / "fgid.json").read_text())
     assert len(rows) == 8, (prepared / "skipped.json").read_text()
 
-    overrides = _overrides(comfy, prepared / "fgid.json", tmp_path / "run", max_steps=2)
-    overrides = [o for o in overrides if not o.startswith(("data.image_root", "data.parsing_root", "data.id_embedding_root"))]
-    overrides += [f"data.image_root={prepared / 'resize_IMG'}", f"data.parsing_root={prepared / 'parsing_mask_IMG'}",
-                  f"data.id_embedding_root={prepared / 'faceID'}"]
-    run(load_config(None, overrides))
+    settings = [o for o in overrides(comfy, prepared / "fgid.json", tmp_path / "run", max_steps=2)
+                if not o.startswith(("data.image_root", "data.parsing_root", "data.id_embedding_root"))]
+    settings += [f"data.image_root={prepared / 'resize_IMG'}", f"data.parsing_root={prepared / 'parsing_mask_IMG'}",
+                 f"data.id_embedding_root={prepared / 'faceID'}"]
+    run(load_config(None, settings))
     exported = tmp_path / "trained_consistentid.safetensors"
     export.main([str(tmp_path / "run"), "--out", str(exported)])
     assert ConsistentIDAdapter.load(exported).base_model == "sd15"
