@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--comfyui", metavar="PATH", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     parser.add_argument("--json", metavar="PATH", default=DEFAULT_JSON, help=f"results file (default: {DEFAULT_JSON})")
     parser.add_argument("--rounds", type=int, metavar="N", help="timed rounds per comparison (default: per size)")
+    parser.add_argument("--px", type=int, nargs="+", metavar="PX",
+                        help="only these SD1.5 step/scaling resolutions, e.g. --px 256 (default: all of the size's)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="keep glibc's default allocator settings (timings get noisier)")
     args = parser.parse_args(argv)
@@ -72,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    sizes = (SMOKE if args.smoke else FULL).with_rounds(args.rounds)
+    try:
+        sizes = (SMOKE if args.smoke else FULL).with_rounds(args.rounds).at_resolutions(args.px)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     load_at_start = load_average()
     progress = lambda message: print(message, flush=True)  # noqa: E731
     progress(f"ConsistentID benchmarks ({sizes.name} sizes): {', '.join(args.benchmarks)}; "

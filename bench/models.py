@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,20 @@ class Sizes:
         return dataclasses.replace(
             self, step_rounds={px: rounds for px in self.step_rounds}, identity_rounds=rounds, face_rounds=rounds,
             sdxl_step_rounds={px: rounds for px in self.sdxl_step_rounds},
+        )
+
+    def at_resolutions(self, resolutions: Sequence[int] | None) -> "Sizes":
+        """Only these SD1.5 step/scaling resolutions (``--px``: more rounds of one size in the same time)."""
+        if not resolutions:
+            return self
+        unknown = sorted(set(resolutions) - set(self.step_rounds))
+        if unknown:
+            raise ValueError(f"no step size {unknown} in the {self.name} sizes (choose from {sorted(self.step_rounds)})")
+        keep = set(resolutions)
+        return dataclasses.replace(
+            self, step_rounds={px: n for px, n in self.step_rounds.items() if px in keep},
+            unmerged_resolutions=tuple(px for px in self.unmerged_resolutions if px in keep) or tuple(sorted(keep)),
+            scaling_resolutions=tuple(px for px in self.scaling_resolutions if px in keep) or tuple(sorted(keep)),
         )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import stats
 from bench.models import Sizes, build_adapter, build_unet, id_tokens
@@ -62,6 +63,39 @@ def step_options(patcher, inputs: Inputs, replace: dict | None = None) -> dict:
         patches["attn2"] = replace
         options["patches_replace"] = patches
     return options
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations a forward dispatches, and how many of them read a value to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host_reads = 0
+
+    @staticmethod
+    def host_read_ops() -> tuple:
+        # Under inference_mode ``.item()`` arrives as aten.item, otherwise as its _local_scalar_dense.
+        return (torch.ops.aten.item, torch.ops.aten._local_scalar_dense)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.host_reads += func.overloadpacket in self.host_read_ops()  # .item(), float(t): a sync on a GPU
+        return func(*args, **(kwargs or {}))
+
+
+def work_per_call(patcher, inputs: Inputs) -> dict[str, int]:
+    """FLOPs, aten operations and host reads of one forward: the step's cost without the machine's noise.
+
+    On a shared CPU a call's time moves by ±10-25 % from round to round; these counts do not move at
+    all, so they show what a variant adds even when the timings cannot resolve a 2 % difference.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = OpCounter()
+    with FlopCounterMode(display=False) as flops, counter:
+        forward(patcher, inputs)
+    return {"flops": int(flops.get_total_flops()), "ops": counter.ops, "host_reads": counter.host_reads}
 
 
 def forward(patcher, inputs: Inputs, replace: dict | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from bench import stats
 from bench.report import Section, Target
-from bench.step import VARIANTS, SDXLPair, StepRig
+from bench.step import VARIANTS, SDXLPair, StepRig, work_per_call
 
 SD15_STEP_LIMIT = 1.02  # patched/plain per SD1.5 step (issue 12 item 6)
 
@@ -22,8 +22,9 @@ def quiet_label(quiet: Sequence[int], total: int) -> str:
 
 
 def step_section(rig: StepRig, progress: Callable[[str], None] = print) -> Section:
-    rows, targets, data = [], [], {"check": rig.check, "samples": {}, "cpu_shares": {}}
+    rows, targets, data = [], [], {"check": rig.check, "samples": {}, "cpu_shares": {}, "work": {}}
     for px in rig.sizes.unmerged_resolutions:
+        data["work"][px] = {name: work_per_call(rig.patchers[name], rig.inputs(px)) for name in VARIANTS}
         samples = rig.measure(px, VARIANTS, progress)
         quiet = rig.quiet(px)
         data["samples"][px] = {name: samples[name] for name in VARIANTS}
@@ -52,15 +53,28 @@ def step_section(rig: StepRig, progress: Callable[[str], None] = print) -> Secti
             f"{rig.check['unmerged_vs_patched_relative']:.1e} of the LoRA's effect (max abs "
             f"{rig.check['unmerged_vs_patched_max_abs']:.1e} vs {rig.check['patched_vs_plain_max_abs']:.1e}).",
             TIMING_NOTE,
+            *work_notes(data["work"], VARIANTS),
         ],
         data=data,
     )
 
 
+def work_notes(work: dict[int, dict[str, dict[str, int]]], variants: Sequence[str]) -> list[str]:
+    """One line per size: FLOPs, aten ops and host reads per call of each variant (counted, not timed)."""
+    lines = []
+    for px, counts in work.items():
+        plain = counts["plain"]
+        parts = [f"{name} {c['flops'] / 1e9:.1f} GFLOP ({c['flops'] / plain['flops']:.4f}x plain), {c['ops']} ops, "
+                 f"{c['host_reads']} host reads" for name, c in ((n, counts[n]) for n in variants)]
+        lines.append(f"Work per call at {px} px (torch.utils.flop_counter and an aten op count; the same every run): " + "; ".join(parts) + ".")
+    return lines
+
+
 def sdxl_step_section(pair: SDXLPair, progress: Callable[[str], None] = print) -> Section:
     """patched/plain per step on the SDXL topology (70 cross-attention layers), reported."""
-    rows, data = [], {"samples": {}, "cpu_shares": {}, "model_channels": pair.sizes.sdxl_unet["model_channels"]}
+    rows, data = [], {"samples": {}, "cpu_shares": {}, "work": {}, "model_channels": pair.sizes.sdxl_unet["model_channels"]}
     for px in sorted(pair.sizes.sdxl_step_rounds):
+        data["work"][px] = {name: work_per_call(patcher, pair.inputs(px)) for name, patcher in pair.patchers.items()}
         samples = pair.measure(px, progress)
         quiet = stats.quiet_rounds(pair.shares[px])
         data["samples"][px] = samples
@@ -80,6 +94,7 @@ def sdxl_step_section(pair: SDXLPair, progress: Callable[[str], None] = print) -
             "instead of 1024: the full model in fp32 and a 1024 px step do not fit this CPU. patched = patch_model "
             "(LoRA merged, ID branch on all 70 layers).",
             TIMING_NOTE,
+            *work_notes(data["work"], ("plain", "patched")),
         ],
         data=data,
     )

@@ -19,8 +19,8 @@ both, so here:
 probabilities at the token positions, which is what the original trainer did (a defect: it reads
 latent-to-latent attention at text-token indices). Only for reproducing old runs.
 
-Pure torch: the ComfyUI host registers these objects through ComfyUI's API, and the toy host for
-CI calls them with ComfyUI's calling convention.
+Pure torch: the ComfyUI host registers these objects through ComfyUI's API (``set_model_attn1_patch``
+and friends); nothing here imports ComfyUI.
 """
 
 from __future__ import annotations

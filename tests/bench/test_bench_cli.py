@@ -31,6 +31,18 @@ def test_rounds_override_applies_to_every_comparison():
     assert FULL.with_rounds(None) is FULL
 
 
+def test_px_keeps_only_the_chosen_step_sizes():
+    assert parse_args(["step", "--px", "256", "512"]).px == [256, 512]
+    sizes = FULL.at_resolutions([256])
+    assert sizes.step_rounds == {256: FULL.step_rounds[256]}
+    assert sizes.unmerged_resolutions == sizes.scaling_resolutions == (256,)
+    assert sizes.sdxl_step_rounds == FULL.sdxl_step_rounds  # the SDXL rows have their own size
+    assert FULL.at_resolutions([384]).unmerged_resolutions == (384,)  # a scaling-only size still gets a step row
+    assert FULL.at_resolutions(None) is FULL
+    with pytest.raises(ValueError, match=r"no step size \[300\] in the full sizes"):
+        FULL.at_resolutions([300])
+
+
 def test_presets_cover_the_issue_resolutions():
     """Full size: 256/512 px against the unmerged design, 256/384/512 for scaling, 1/2/4 identities."""
     assert FULL.unmerged_resolutions == (256, 512)

@@ -62,6 +62,16 @@ def test_face_paths_differ_in_clip_work_and_the_repeat_is_cached(smoke):
     assert not repeat["encode_executed"] and repeat["clip_calls"] == 0
 
 
+def test_patched_step_adds_no_host_read_and_little_work(smoke):
+    """Counted per UNet call: the ID branch adds operations and under 1 % of the FLOPs, and never reads
+    a value back to the host (the old patch read the sigma with .item() in every cross-attention layer)."""
+    for section in ("step", "step_sdxl"):
+        for counts in smoke[0]["sections"][section]["data"]["work"].values():
+            plain, patched = counts["plain"], counts["patched"]
+            assert patched["host_reads"] == plain["host_reads"] == 0, section
+            assert plain["ops"] < patched["ops"] and plain["flops"] < patched["flops"] < 1.01 * plain["flops"], section
+
+
 def test_memory_workers_ran_each_variant(smoke):
     workers = smoke[0]["sections"]["memory"]["data"]["workers"]
     assert set(workers) == {"plain-fp32", "patched-fp32", "patched-fp16"}

@@ -126,3 +126,15 @@ def test_fastest_ratio_over_selected_rounds():
     samples = {"a": [1.0, 9.0, 2.0], "b": [4.0, 3.0, 2.0]}
     assert stats.fastest_ratio(samples, "a", "b", [1, 2]) == pytest.approx(1.0)
     assert stats.fastest_ratio(samples, "a", "b", []) == pytest.approx(0.5)  # none selected: all rounds
+
+
+def test_op_counter_sees_operations_and_host_reads():
+    import torch
+
+    from bench.step import OpCounter
+
+    x = torch.ones(3)
+    for inference in (False, True):  # .item() dispatches as _local_scalar_dense, or as aten.item in inference mode
+        with torch.inference_mode(inference), OpCounter() as counter:
+            value = (x * 2).sum().item() + float(x[0])
+        assert value == 7.0 and counter.host_reads == 2 and counter.ops == 5, inference  # mul, sum, read, select, read

@@ -64,6 +64,17 @@ def test_training_doc_carries_the_current_defaults_table():
     assert describe_defaults() in doc, "docs/TRAINING.md is out of date: paste `python -m train.fit --print-defaults`"
 
 
+def test_trainer_says_where_comfyui_is_looked_for(tmp_path, monkeypatch):
+    from train.config import ModelConfig
+    from train.hosts import comfyui_root
+
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    with pytest.raises(ConfigError, match="The trainer runs on ComfyUI: ComfyUI folder unknown: .*COMFYUI_PATH .*model.comfyui_path"):
+        comfyui_root(ModelConfig())
+    with pytest.raises(ConfigError, match=f"{tmp_path} is not a ComfyUI folder"):
+        comfyui_root(ModelConfig(comfyui_path=str(tmp_path)))
+
+
 def test_checkpoint_discovery_ignores_half_written_folders(tmp_path):
     root = tmp_path / "checkpoints"
     for name, complete in (("step-00000002", True), ("step-00000004", True), (".tmp-step-00000006", True), ("step-00000008", False)):

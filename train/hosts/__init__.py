@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -12,16 +11,13 @@ from .base import Host
 
 
 def comfyui_root(model: ModelConfig) -> Path:
-    root = model.comfyui_path or os.environ.get("COMFYUI_PATH")
-    if not root:
-        raise ConfigError(
-            "The trainer runs on ComfyUI. Set model.comfyui_path or the COMFYUI_PATH "
-            "environment variable to a ComfyUI checkout (the folder that contains comfy/ and main.py)."
-        )
-    path = Path(root).expanduser().resolve()
-    if not (path / "comfy" / "sd.py").is_file():
-        raise ConfigError(f"{path} is not a ComfyUI checkout (no comfy/sd.py)")
-    return path
+    """``model.comfyui_path``, else where the tools look (``$COMFYUI_PATH``, the ComfyUI we are installed in)."""
+    from consistentid_cli.comfy_boot import ComfyUINotFound, find_comfyui
+
+    try:
+        return find_comfyui(model.comfyui_path)
+    except ComfyUINotFound as error:
+        raise ConfigError(f"The trainer runs on ComfyUI: {error} (or set model.comfyui_path).") from None
 
 
 def make_host(model: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False) -> Host:
