@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import folders
 from .apply_node import ApplyConsistentID
-from .describe import DescribeFace
+from .describe import DescribeFace, LoadFaceDescriber
 from .face_io import LoadFace, SaveFace
 from .face_node import EncodeFace
 from .loader_nodes import LoadConsistentIDModel, LoadFaceParser, LoadInsightFace
@@ -23,6 +23,7 @@ class ConsistentIDExtension(ComfyExtension):
             LoadConsistentIDModel,
             LoadInsightFace,
             LoadFaceParser,
+            LoadFaceDescriber,
             DescribeFace,
             EncodeFace,
             SaveFace,

@@ -3,7 +3,8 @@
 ``CONSISTENTID`` carries a :class:`runtime.LoadedConsistentID` (the adapter, its ModelPatcher and
 its id); ``FACE_PARSER`` a
 ``consistentid_core.face.FaceParser``; ``FACE_ANALYSIS`` (ComfyUI's own socket type) a
-``consistentid_core.face.FaceAnalyzer``; ``CONSISTENTID_FACE`` an :class:`EncodedFace`.
+``consistentid_core.face.FaceAnalyzer``; ``CONSISTENTID_FACE`` an :class:`EncodedFace`;
+``CONSISTENTID_DESCRIBER`` a :class:`describe.LoadedDescriber` (a caption model and its ModelPatcher).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from consistentid_core.face_features import FaceFeatures
 ConsistentIDModel = io.Custom("CONSISTENTID")
 FaceParserType = io.Custom("FACE_PARSER")
 ConsistentIDFace = io.Custom("CONSISTENTID_FACE")
+FaceDescriberType = io.Custom("CONSISTENTID_DESCRIBER")
 
 CATEGORY = "ConsistentID"
 

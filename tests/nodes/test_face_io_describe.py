@@ -82,3 +82,20 @@ def test_caption_feeds_encode_face(comfy, describe):
     result = comfy.runner.run(prompt, outputs=["8"])
     assert result.success, result.error
     assert result.output("7")[0][0].face_caption == result.output(DESCRIBE)[0][0]
+
+
+def test_describer_from_the_loader_writes_what_the_model_list_writes(comfy, describe):
+    """Describe Face with a connected Load Face Describer gives the caption the same folder gives when
+    chosen in the model list (which the connected describer overrides)."""
+    prompt = _graph("template", instruction="same question")
+    prompt["41"] = {"class_type": "ConsistentID_DescriberLoader", "inputs": {"model": "tiny-llava"}}
+    prompt[DESCRIBE]["inputs"]["describer"] = ["41", 0]
+    assert _caption(comfy, prompt) == _caption(comfy, _graph("tiny-llava", instruction="same question"))
+
+
+def test_describer_loader_names_a_missing_folder(comfy, describe):
+    prompt = {"41": {"class_type": "ConsistentID_DescriberLoader", "inputs": {"model": "llava-1.5-7b-hf"}}}
+    result = comfy.runner.run(prompt, outputs=["41"])
+    assert not result.success and result.error["node_type"] == "ConsistentID_DescriberLoader"
+    message = result.error["exception_message"]
+    assert "Model file missing" in message and "models/LLM/llava-1.5-7b-hf/" in message

@@ -141,3 +141,36 @@ def test_describe_face_vlm_is_loaded_and_freed_by_model_management(comfy, descri
     assert vlm[0]() is None  # the patcher (and the model it wraps) went with the node's run
     comfy.model_management.cleanup_models()
     assert all(entry.model is not None for entry in comfy.model_management.current_loaded_models)
+
+
+def test_loaded_describer_stays_across_runs_and_goes_with_comfyuis_cache(comfy, describe_nodes, monkeypatch):
+    """Load Face Describer reads the VLM once for any number of photos and instructions; ComfyUI owns
+    it (listed among its loaded models, so it can offload it) and "free memory" lets it go."""
+    loads = []
+    original = describe_nodes.FaceCaptioner.load
+    monkeypatch.setattr(describe_nodes.FaceCaptioner, "load", lambda *a, **k: loads.append(a) or original(*a, **k))
+
+    def prompt(instruction: str) -> dict:
+        return {
+            "6": {"class_type": "LoadImage", "inputs": {"image": "reference.png"}},
+            "41": {"class_type": "ConsistentID_DescriberLoader", "inputs": {"model": "tiny-llava"}},
+            "40": {"class_type": "ConsistentID_DescribeFace",
+                   "inputs": {"image": ["6", 0], "model": "template", "max_new_tokens": 12, "instruction": instruction,
+                              "describer": ["41", 0]}},
+        }
+
+    captions = []
+    for instruction in ("first photo", "second photo", "third photo"):
+        result = comfy.runner.run(prompt(instruction), outputs=["40"])
+        assert result.success, result.error
+        captions.append(result.output("40")[0][0])
+    assert len(loads) == 1 and "41" in result.cached
+    assert all(caption and caption[-1] in ".!?" for caption in captions)
+    describer = result.output("41")[0][0]
+    assert any(entry.model is describer.patcher for entry in comfy.model_management.current_loaded_models)
+    model = weakref.ref(describer.captioner.model)
+    del describer, result
+    comfy.model_management.unload_all_models()
+    comfy.runner.executor.reset()
+    gc.collect()
+    assert model() is None
