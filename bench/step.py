@@ -73,14 +73,13 @@ class OpCounter(TorchDispatchMode):
         self.ops = 0
         self.host_reads = 0
 
-    @staticmethod
-    def host_read_ops() -> tuple:
-        # Under inference_mode ``.item()`` arrives as aten.item, otherwise as its _local_scalar_dense.
-        return (torch.ops.aten.item, torch.ops.aten._local_scalar_dense)
+    # .item(), float(tensor): a sync on a GPU. Under inference_mode it arrives as aten.item, otherwise
+    # as the _local_scalar_dense it decomposes into.
+    HOST_READS = (torch.ops.aten.item, torch.ops.aten._local_scalar_dense)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
-        self.host_reads += func.overloadpacket in self.host_read_ops()  # .item(), float(t): a sync on a GPU
+        self.host_reads += func.overloadpacket in self.HOST_READS
         return func(*args, **(kwargs or {}))
 
 

@@ -65,7 +65,6 @@ def vlm_folder(name: str) -> Path:
 class LoadedDescriber:
     """What ``CONSISTENTID_DESCRIBER`` carries: the caption model and the ModelPatcher that moves it."""
 
-    name: str
     captioner: FaceCaptioner
     patcher: comfy.model_patcher.ModelPatcher
 
@@ -75,7 +74,7 @@ def load_describer(name: str) -> LoadedDescriber:
     device = comfy.model_management.get_torch_device()
     dtype = torch.float16 if comfy.model_management.should_use_fp16(device) else torch.float32
     captioner = FaceCaptioner.load(vlm_folder(name), device=comfy.model_management.unet_offload_device(), dtype=dtype)
-    return LoadedDescriber(name, captioner, auxiliary_patcher(captioner.model))
+    return LoadedDescriber(captioner, auxiliary_patcher(captioner.model))
 
 
 class LoadFaceDescriber(io.ComfyNode):

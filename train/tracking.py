@@ -90,8 +90,8 @@ class MetricsLogger:
         self.seconds = 0.0
         self.started = time.time()
         if accelerator.is_main_process and accelerator.log_with:
-            init_kwargs = {"wandb": {"dir": str(output_dir)}} if "wandb" in [str(t) for t in accelerator.log_with] else {}
-            accelerator.init_trackers("consistentid", config={k: str(v) for k, v in _flat(config.to_dict()).items()}, init_kwargs=init_kwargs)
+            accelerator.init_trackers("consistentid", config={k: str(v) for k, v in _flat(config.to_dict()).items()},
+                                      init_kwargs={"wandb": {"dir": str(output_dir)}})  # read only by a W&B tracker
 
     def step(self, step: int, losses: torch.Tensor, grad_norm: float, lr: float, seconds: float, state: dict) -> dict[str, float]:
         """Collective on log steps (every process must call it every step)."""

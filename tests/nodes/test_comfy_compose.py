@@ -10,19 +10,12 @@ import pytest
 import torch
 
 from tests.fixtures import attn2_protocol as protocol
-
-
-@pytest.fixture(scope="module")
-def api(comfy):
-    return comfy.package.nodes.patch
+from tests.fixtures.tiny_patch import id_tokens, tiny_unet
 
 
 @pytest.fixture(scope="module")
 def models(comfy):
-    return {
-        "sd15": comfy.tiny.model_patcher(comfy.tiny.TinySD15, comfy.tiny.SD15_FULL_UNET, seed=11),
-        "sdxl": comfy.tiny.model_patcher(comfy.tiny.TinySDXL, comfy.tiny.SDXL_FULL_UNET, seed=12),
-    }
+    return {"sd15": tiny_unet(comfy, "sd15", seed=11), "sdxl": tiny_unet(comfy, "sdxl", seed=12)}
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +28,8 @@ def adapters():
 WIDTH = {"sd15": 64, "sdxl": 128}
 
 
-def _tokens(base: str, seed: int) -> torch.Tensor:
-    return torch.randn(1, 4, WIDTH[base], generator=torch.Generator().manual_seed(seed))
-
-
 def _ours(api, model, adapter, base, **kwargs):
-    return api.patch_model(model, adapter, _tokens(base, 1), _tokens(base, 2), lora_strength=0.0, **kwargs)
+    return api.patch_model(model, adapter, id_tokens(1, WIDTH[base]), id_tokens(2, WIDTH[base]), lora_strength=0.0, **kwargs)
 
 
 def _run(model, base: str, sigma: float | None = None) -> torch.Tensor:
